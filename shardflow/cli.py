@@ -1,0 +1,231 @@
+"""The ``shardflow`` command line.
+
+Every error a user can cause prints one line, ``shardflow: error: …``, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, clusterfile
+from .errors import ShardflowError
+
+console = Console()
+err_console = Console(stderr=True)
+
+EPILOG = """examples:
+  shardflow cluster up --nodes 4          start a local 4-node cluster in .shardflow/
+  shardflow cluster status                nodes, roles, ports, shards
+  shardflow demo                          cluster up, run workflows, print a summary
+  shardflow worker myapp.flows:engine --processes 2
+  shardflow workflows list --tenant acme --status pending
+  shardflow cluster down --purge          stop every node and delete the data
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's default prints usage over several lines; we promise one line
+        self.exit(2, f"shardflow: error: {message}\n")
+
+
+def _positive_int(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="shardflow",
+        description="Durable, multi-tenant, sharded workflows on PostgreSQL.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"shardflow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    cl = sub.add_parser("cluster", help="manage the local multi-node Postgres cluster")
+    clsub = cl.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
+    up = clsub.add_parser(
+        "up",
+        help="start (or reuse) a local cluster",
+        description="Start N Postgres primaries on loopback, migrate them, place the shards, "
+        "and write DIR/cluster.json. A second 'up' reuses the running cluster.",
+    )
+    up.add_argument("--nodes", type=int, default=None, help="number of primaries (default 3)")
+    up.add_argument("--replicas", type=int, default=0, help="standbys per node (not yet supported)")
+    up.add_argument("--shards", type=int, default=256, help="logical shards (default 256)")
+    up.add_argument("--port", type=int, default=None, help="first port (default: free ports)")
+    up.add_argument("--dir", type=Path, default=None, help="data directory (default .shardflow)")
+    st = clsub.add_parser("status", help="nodes, roles, ports, pids, shards")
+    st.add_argument("--dir", type=Path, default=None)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    dn = clsub.add_parser("down", help="stop every node of the local cluster")
+    dn.add_argument("--dir", type=Path, default=None)
+    dn.add_argument("--purge", action="store_true", help="also delete the data directory")
+
+    mg = sub.add_parser("migrate", help="apply pending migrations on every node")
+    mg.add_argument("--cluster", type=Path, default=None, help="cluster file")
+
+    wk = sub.add_parser(
+        "worker",
+        help="run workers for an engine in your code",
+        description="Import MODULE:ATTR (a shardflow.Engine) and run its workers.",
+    )
+    wk.add_argument("target", help="module:attribute of an Engine, e.g. myapp.flows:engine")
+    wk.add_argument("--processes", type=_positive_int("--processes"), default=1)
+
+    wf = sub.add_parser("workflows", help="inspect workflows across all shards")
+    wfsub = wf.add_subparsers(dest="wf_command", required=True, parser_class=_Parser)
+    ls = wfsub.add_parser("list", help="list workflows (fans out to every node)")
+    ls.add_argument("--tenant", default=None)
+    ls.add_argument("--status", default=None)
+    ls.add_argument("--name", default=None)
+    ls.add_argument("--limit", type=_positive_int("--limit"), default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--cluster", type=Path, default=None)
+
+    dm = sub.add_parser("demo", help="cluster up, start and complete workflows, print a summary")
+    dm.add_argument("--nodes", type=_positive_int("--nodes"), default=3)
+    dm.add_argument("--workflows", type=_positive_int("--workflows"), default=2000)
+    dm.add_argument("--tenants", type=_positive_int("--tenants"), default=50)
+    dm.add_argument("--dir", type=Path, default=None)
+    return p
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from .localcluster import LocalCluster
+
+    directory = args.dir
+    if directory is None and args.cluster_command != "up":
+        directory = clusterfile.default_cluster_file().parent
+    lc = LocalCluster(directory, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    if args.cluster_command == "up":
+        spec = lc.up(args.nodes, replicas=args.replicas, shard_count=args.shards,
+                     base_port=args.port)
+        console.print(
+            f"cluster up: {len(spec.nodes)} nodes, {spec.shard_map.shard_count} shards, "
+            f"file {lc.file}"
+        )
+        for n in spec.nodes:
+            console.print(f"  {n.name}  {n.dsn}")
+        return 0
+    if args.cluster_command == "status":
+        rows = lc.status()
+        if args.json:
+            print(json.dumps([r.__dict__ if hasattr(r, "__dict__") else _slots(r) for r in rows]))
+            return 0
+        t = Table(title=f"shardflow cluster {lc.dir}")
+        for col in ("node", "role", "port", "pid", "shards", "schema", "repl lag"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(
+                r.name,
+                r.role if r.running else "[red]stopped[/red]",
+                str(r.port),
+                str(r.pid or "-"),
+                str(r.shards),
+                str(r.schema_version if r.schema_version is not None else "-"),
+                "-" if r.replication_lag_bytes is None else f"{r.replication_lag_bytes} B",
+            )
+        console.print(t)
+        return 0
+    stopped = lc.down(purge=args.purge)
+    console.print(
+        f"stopped {len(stopped)} node(s)" + (f"; deleted {lc.dir}" if args.purge else "")
+    )
+    return 0
+
+
+def _slots(obj: Any) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in obj.__slots__}
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from .migrate import migrate
+
+    spec = clusterfile.load(args.cluster)
+    for node in spec.nodes:
+        with psycopg.connect(node.dsn, autocommit=True) as conn:
+            applied = migrate(conn)
+        console.print(f"{node.name}: applied {applied or 'nothing (up to date)'}")
+    return 0
+
+
+def _workflows(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    async def run() -> list[dict[str, Any]]:
+        engine = Engine(cluster_file=args.cluster, run_workers=False)
+        async with engine:
+            return await engine.list_workflows(
+                tenant=args.tenant, status=args.status, name=args.name, limit=args.limit
+            )
+
+    rows = asyncio.run(run())
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    t = Table(title=f"{len(rows)} workflow(s)")
+    for col in ("tenant", "workflow", "name", "status", "attempts", "created", "finished"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["tenant_id"], r["workflow_id"], r["name"], r["status"], str(r["attempts"]),
+                  str(r["created_at"])[:19], str(r["finished_at"] or "")[:19])
+    console.print(t)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .worker import run_worker_processes
+
+    return run_worker_processes(args.target, args.processes)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(nodes=args.nodes, workflows=args.workflows, tenants=args.tenants,
+                    directory=args.dir, console=console)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "cluster": _cluster,
+        "migrate": _migrate,
+        "workflows": _workflows,
+        "worker": _worker,
+        "demo": _demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except ShardflowError as exc:
+        err_console.print(f"shardflow: error: {exc}", markup=False, highlight=False,
+                          soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The cluster file: which nodes exist, their DSNs and roles, and the shard map.
+
+``cluster up`` writes it (``.shardflow/cluster.json`` by default); the CLI and
+``Engine()`` read it when given no DSNs. ``SHARDFLOW_CLUSTER`` names another file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ClusterFileError
+from .routing import ShardMap
+
+DEFAULT_DIR = Path(".shardflow")
+FILE_NAME = "cluster.json"
+FORMAT_VERSION = 1
+
+
+def default_cluster_file() -> Path:
+    env = os.environ.get("SHARDFLOW_CLUSTER")
+    if env:
+        return Path(env)
+    return DEFAULT_DIR / FILE_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    name: str
+    host: str
+    port: int
+    dsn: str
+    role: str = "primary"
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    nodes: tuple[NodeSpec, ...]
+    shard_map: ShardMap
+    kind: str = "local"
+    dir: str | None = None
+    database: str = "shardflow"
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ClusterFileError(f"cluster file has no node {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "dir": self.dir,
+            "database": self.database,
+            "nodes": [asdict(n) for n in self.nodes],
+            "shard_count": self.shard_map.shard_count,
+            "shard_epoch": self.shard_map.epoch,
+            "placement": list(self.shard_map.placement),
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str = "cluster file") -> ClusterSpec:
+        try:
+            if data.get("format") != FORMAT_VERSION:
+                raise ClusterFileError(
+                    f"{source}: format {data.get('format')!r} is not {FORMAT_VERSION}"
+                )
+            nodes = tuple(NodeSpec(**n) for n in data["nodes"])
+            shard_map = ShardMap(
+                int(data["shard_count"]),
+                tuple(str(p) for p in data["placement"]),
+                int(data.get("shard_epoch", 1)),
+            )
+            names = {n.name for n in nodes}
+            missing = sorted(set(shard_map.placement) - names)
+            if missing:
+                raise ClusterFileError(
+                    f"{source}: the shard map places shards on unknown node(s) {missing}"
+                )
+            return cls(
+                nodes=nodes,
+                shard_map=shard_map,
+                kind=str(data.get("kind", "local")),
+                dir=data.get("dir"),
+                database=str(data.get("database", "shardflow")),
+                settings=dict(data.get("settings", {})),
+            )
+        except ClusterFileError:
+            raise
+        except Exception as exc:  # any shape error: one clear line naming the file
+            raise ClusterFileError(f"{source} is corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def load(path: Path | None = None) -> ClusterSpec:
+    path = path or default_cluster_file()
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ClusterFileError(
+            f"no cluster file at {path}: run 'shardflow cluster up' or set SHARDFLOW_CLUSTER"
+        ) from None
+    except OSError as exc:
+        raise ClusterFileError(f"cannot read cluster file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClusterFileError(
+            f"cluster file {path} is corrupt: not JSON ({exc.msg} at line {exc.lineno})"
+        ) from exc
+    return ClusterSpec.from_json(data, source=f"cluster file {path}")
+
+
+def save(spec: ClusterSpec, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n", "utf-8")
+    # rename is atomic: a reader never sees half a cluster file
+    tmp.replace(path)

@@ -1,0 +1,75 @@
+"""Engine configuration: a frozen, keyword-only dataclass with validated defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineConfig:
+    lease_timeout: float = 2.0
+    """Seconds after a worker's last heartbeat before its workflows are recovered by
+    another worker. Bounds recovery time after a crash. Defaults to 2.0."""
+
+    heartbeat_interval: float = 0.5
+    """Seconds between a worker's heartbeats (one write per node, for all its
+    workflows). Must be well under ``lease_timeout``. Defaults to 0.5."""
+
+    poll_interval: float = 0.25
+    """Seconds an idle worker waits before polling a node for work again; a start in the
+    same process wakes it at once. Defaults to 0.25."""
+
+    recovery_interval: float = 0.5
+    """Seconds between sweeps for workflows orphaned by dead workers. Defaults to 0.5."""
+
+    claim_batch: int = 64
+    """Most workflows claimed from one node in one query. Defaults to 64."""
+
+    max_concurrency: int = 512
+    """Most workflows one worker process runs at once. Defaults to 512."""
+
+    pool_size: int = 10
+    """Connections per node in each process's pool. Defaults to 10."""
+
+    max_payload_bytes: int = 1_000_000
+    """Largest serialized argument list, step result or workflow result. Defaults to
+    1,000,000 bytes."""
+
+    max_attempts: int = 20
+    """Claims of one workflow (crash recoveries included) before it is moved to the
+    dead-letter status ``dead``. Defaults to 20."""
+
+    suspend_after: float = 5.0
+    """A durable sleep or recv wait longer than this many seconds releases the workflow
+    (status pending until it is due) instead of holding a worker slot. Defaults to 5.0."""
+
+    step_backoff_base: float = 0.1
+    """First retry delay of a failing step, doubled each retry. Defaults to 0.1."""
+
+    step_backoff_max: float = 10.0
+    """Largest retry delay of a failing step. Defaults to 10.0."""
+
+    connect_timeout: float = 30.0
+    """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""
+
+    migrate: bool = True
+    """Apply pending migrations on every node when the engine opens. Defaults to True."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float) and value <= 0:
+                raise ConfigError(f"EngineConfig.{f.name} must be > 0, got {value!r}")
+        if self.heartbeat_interval >= self.lease_timeout:
+            raise ConfigError(
+                f"EngineConfig.heartbeat_interval ({self.heartbeat_interval}) must be less "
+                f"than lease_timeout ({self.lease_timeout})"
+            )

@@ -1,0 +1,454 @@
+"""Inside a running workflow: step positions, replay, and the durable primitives.
+
+A workflow is replayed from its start every time a worker claims it. Each durable call
+(step, transaction, sleep, recv, send, child start/result, set_event, patch) takes the
+next position ``seq``; if a checkpoint exists at that position the recorded outcome is
+returned without running anything, else the call runs and checkpoints before the
+workflow moves on. A recorded step of another name or kind at a position means the code
+changed under a running workflow: :class:`NonDeterminismError`, never silent corruption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from .driver import Q, Node
+from .errors import (
+    InvalidArgument,
+    NonDeterminismError,
+    ShardflowError,
+    StepError,
+    WorkflowInterrupt,
+)
+from .serde import dumps, error_payload, loads
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+_current: ContextVar[WorkflowContext | None] = ContextVar("shardflow_workflow", default=None)
+
+
+def current() -> WorkflowContext | None:
+    return _current.get()
+
+
+def require(what: str) -> WorkflowContext:
+    ctx = _current.get()
+    if ctx is None:
+        raise InvalidArgument(f"{what} can only be called inside a workflow")
+    return ctx
+
+
+@dataclass(slots=True)
+class Recorded:
+    seq: int
+    name: str
+    kind: str
+    status: str
+    output: str | None
+    error: str | None
+    attempts: int
+    wake_at: float | None
+
+
+_MISSING = object()
+
+
+@dataclass
+class WorkflowContext:
+    engine: Engine
+    tenant: str
+    shard: int
+    node: Node
+    workflow_id: str
+    name: str
+    fence: int
+    recorded: dict[int, Recorded] = field(default_factory=dict)
+    seq: int = 0
+    # a NonDeterminismError is kept here so the workflow fails with it even if the
+    # body catches the exception and carries on
+    fatal: BaseException | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.workflow_id)
+
+    def _next(self, name: str, kind: str) -> tuple[int, Recorded | None]:
+        seq = self.seq
+        self.seq += 1
+        rec = self.recorded.get(seq)
+        if rec is not None and (rec.name != name or rec.kind != kind):
+            err = NonDeterminismError(
+                f"workflow {self.workflow_id!r} of tenant {self.tenant!r}: at position {seq} "
+                f"the code asked for {kind} {name!r} but the history records "
+                f"{rec.kind} {rec.name!r}; use shardflow.patch() to change running code"
+            )
+            self.fatal = err
+            raise err
+        return seq, rec
+
+    def _peek(self) -> Recorded | None:
+        return self.recorded.get(self.seq)
+
+    @property
+    def _cfg(self) -> Any:
+        return self.engine.config
+
+    def _fenced_out(self, what: str) -> WorkflowInterrupt:
+        return WorkflowInterrupt(
+            f"workflow {self.workflow_id!r} is no longer owned by this worker ({what})"
+        )
+
+    def _dump(self, value: Any, what: str) -> str:
+        return dumps(value, what=what, max_bytes=self._cfg.max_payload_bytes)
+
+    async def _finish_step(self, seq: int, name: str, kind: str, status: str,
+                           output: str | None, error: str | None, retries: int = 0) -> None:
+        row = await self.engine.driver.fetchrow(
+            self.node, "step_finished", self.tenant, self.shard, self.workflow_id,
+            self.fence, seq, name, kind, status, output, error, retries,
+        )
+        if row is None:
+            raise self._fenced_out(f"checkpoint of {kind} {name!r}")
+
+    def _backoff(self, attempt: int) -> float:
+        return float(min(self._cfg.step_backoff_max, self._cfg.step_backoff_base * 2**attempt))
+
+    # -- steps -----------------------------------------------------------------------
+
+    async def run_step(self, fn: Callable[..., Awaitable[Any]], name: str, retries: int,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        seq, rec = self._next(name, "step")
+        if rec is not None and rec.status == "done":
+            return loads(rec.output)
+        if rec is not None and rec.status == "error":
+            raise StepError(name, loads(rec.error))
+        # Record the attempt before running: after a crash the next run increments
+        # attempts, so every re-run of an external side effect is counted.
+        started = await self.engine.driver.fetchrow(
+            self.node, "step_started", self.tenant, self.shard, self.workflow_id,
+            self.fence, seq, name,
+        )
+        if started is None:
+            raise self._fenced_out(f"start of step {name!r}")
+        if started["attempts"] > 1:
+            self.engine.metrics["step_reruns"] += 1
+        attempt = 0
+        while True:
+            try:
+                result = await fn(*args, **kwargs)
+                out = self._dump(result, f"result of step {name!r}")
+                break
+            except (ShardflowError, Exception) as exc:
+                if isinstance(exc, InvalidArgument) or attempt >= retries:
+                    payload = error_payload(exc)
+                    await self._finish_step(seq, name, "step", "error", None,
+                                            json.dumps(payload), attempt)
+                    raise StepError(name, payload) from exc
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+        await self._finish_step(seq, name, "step", "done", out, None, attempt)
+        return json.loads(out)
+
+    async def run_transaction(self, fn: Callable[..., Awaitable[Any]], name: str,
+                              retries: int, args: tuple[Any, ...],
+                              kwargs: dict[str, Any]) -> Any:
+        seq, rec = self._next(name, "transaction")
+        if rec is not None:
+            return self._replay(rec)
+        attempt = 0
+        while True:
+            try:
+                async with self.engine.driver.transaction(self.node) as conn:
+                    result = await fn(conn, *args, **kwargs)
+                    out = self._dump(result, f"result of transaction {name!r}")
+                    try:
+                        # A plain INSERT, no ON CONFLICT: if another run already
+                        # checkpointed this position, the unique violation aborts this
+                        # transaction and with it the user's writes: exactly once.
+                        ok = await conn.fetchrow(
+                            Q["insert_step_strict"], self.tenant, self.shard,
+                            self.workflow_id, self.fence, seq, name, "transaction", "done",
+                            out, None, None,
+                        )
+                    except asyncpg.UniqueViolationError:
+                        raise _AlreadyRecorded() from None
+                    if ok is None:
+                        raise self._fenced_out(f"checkpoint of transaction {name!r}")
+                return json.loads(out)
+            except _AlreadyRecorded:
+                return await self._reload(seq)
+            except WorkflowInterrupt:
+                raise
+            except Exception as exc:
+                if isinstance(exc, InvalidArgument) or attempt >= retries:
+                    payload = error_payload(exc)
+                    await self._finish_step(seq, name, "transaction", "error", None,
+                                            json.dumps(payload), attempt)
+                    raise StepError(name, payload) from exc
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+
+    def _replay(self, rec: Recorded) -> Any:
+        if rec.status == "error":
+            raise StepError(rec.name, loads(rec.error))
+        return loads(rec.output)
+
+    async def _reload(self, seq: int) -> Any:
+        rows = await self.engine.driver.fetch(
+            self.node, "load_steps", self.tenant, self.shard, self.workflow_id
+        )
+        for r in rows:
+            if r["seq"] == seq:
+                return self._replay(_recorded(r))
+        raise self._fenced_out(f"reload of step {seq}")
+
+    # -- durable sleep -----------------------------------------------------------------
+
+    async def sleep(self, seconds: float) -> None:
+        if not isinstance(seconds, int | float) or seconds < 0:
+            raise InvalidArgument(f"sleep seconds must be a number >= 0, got {seconds!r}")
+        seq, rec = self._next("sleep", "sleep")
+        if rec is not None:
+            wake = float(loads(rec.output))
+        else:
+            wake = time.time() + float(seconds)
+            await self._finish_step(seq, "sleep", "sleep", "done", json.dumps(wake), None)
+        await self._wait_until(wake)
+
+    async def _wait_until(self, wake: float) -> None:
+        remaining = wake - time.time()
+        if remaining > self._cfg.suspend_after:
+            await self.suspend(wake)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    async def suspend(self, until: float) -> None:
+        """Release the workflow until ``until``; a message sent to it wakes it earlier."""
+        async with self.engine.driver.transaction(self.node) as conn:
+            row = await conn.fetchrow(
+                Q["suspend_workflow"], self.tenant, self.shard, self.workflow_id, self.fence,
+                until,
+            )
+            if row is None:
+                raise self._fenced_out("suspend")
+            # A message committed before we took the row lock is seen by this new
+            # statement; one committed after must wait for our lock and then wakes us
+            # (see send): no message can be missed while we are parked.
+            await conn.execute(Q["wake_if_messages"], self.tenant, self.shard,
+                               self.workflow_id)
+        raise WorkflowInterrupt("suspended")
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def recv(self, topic: str, timeout: float) -> Any:
+        if not isinstance(topic, str) or not topic:
+            raise InvalidArgument(f"recv topic must be a non-empty str, got {topic!r}")
+        if not isinstance(timeout, int | float) or timeout < 0:
+            raise InvalidArgument(f"recv timeout must be a number >= 0, got {timeout!r}")
+        name = f"recv:{topic}"
+        seq, rec = self._next(name, "recv")
+        if rec is not None and rec.status == "done":
+            return loads(rec.output)["message"]
+        if rec is None:
+            deadline = time.time() + float(timeout)
+            await self._finish_step(seq, name, "recv", "waiting",
+                                    json.dumps({"deadline": deadline}), None)
+        else:
+            deadline = float(loads(rec.output)["deadline"])
+        self.engine.register_waiter(self)
+        try:
+            while True:
+                got = await self._take(seq, topic)
+                if got is not _MISSING:
+                    return got
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    await self._complete_recv(seq, None)
+                    return None
+                if remaining > self._cfg.suspend_after:
+                    await self.suspend(deadline)
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(),
+                                           min(remaining, self._cfg.poll_interval))
+                except TimeoutError:
+                    pass
+        finally:
+            self.engine.unregister_waiter(self)
+
+    async def _take(self, seq: int, topic: str) -> Any:
+        async with self.engine.driver.transaction(self.node) as conn:
+            if await conn.fetchrow(Q["lock_fence"], self.tenant, self.shard,
+                                   self.workflow_id, self.fence) is None:
+                raise self._fenced_out("recv")
+            msg = await conn.fetchrow(Q["take_message"], self.tenant, self.shard,
+                                      self.workflow_id, topic)
+            if msg is None:
+                return _MISSING
+            # The message is deleted in the transaction that checkpoints it: it is
+            # delivered exactly once, also when two recoverers race (dbos-ts#1205).
+            payload = loads(msg["payload"])
+            await conn.execute(Q["update_step_done"], self.tenant, self.shard,
+                               self.workflow_id, seq, json.dumps({"message": payload}))
+            return payload
+
+    async def _complete_recv(self, seq: int, payload: Any) -> None:
+        async with self.engine.driver.transaction(self.node) as conn:
+            if await conn.fetchrow(Q["lock_fence"], self.tenant, self.shard,
+                                   self.workflow_id, self.fence) is None:
+                raise self._fenced_out("recv timeout")
+            await conn.execute(Q["update_step_done"], self.tenant, self.shard,
+                               self.workflow_id, seq, json.dumps({"message": payload}))
+
+    async def send(self, tenant: str, workflow_id: str, topic: str, message: Any) -> None:
+        seq, rec = self._next(f"send:{topic}", "send")
+        if rec is not None:
+            return
+        # The idempotency key makes a re-run of this send (after a crash between the
+        # message insert and the checkpoint) insert nothing the second time.
+        key = f"{self.tenant}/{self.workflow_id}/{seq}"
+        await self.engine.send(tenant, workflow_id, topic, message, idempotency_key=key,
+                               _from_workflow=True)
+        await self._finish_step(seq, f"send:{topic}", "send", "done", "null", None)
+
+    # -- events ----------------------------------------------------------------------
+
+    async def set_event(self, key: str, value: Any) -> None:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"event key must be a non-empty str, got {key!r}")
+        name = f"event:{key}"
+        seq, rec = self._next(name, "set_event")
+        if rec is not None:
+            return
+        payload = self._dump(value, f"value of event {key!r}")
+        try:
+            async with self.engine.driver.transaction(self.node) as conn:
+                await conn.execute(Q["set_event"], self.tenant, self.shard,
+                                   self.workflow_id, key, payload)
+                try:
+                    ok = await conn.fetchrow(
+                        Q["insert_step_strict"], self.tenant, self.shard, self.workflow_id,
+                        self.fence, seq, name, "set_event", "done", "null", None, None,
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise _AlreadyRecorded() from None
+                if ok is None:
+                    raise self._fenced_out(f"set_event {key!r}")
+        except _AlreadyRecorded:
+            return
+
+    # -- versioning ------------------------------------------------------------------
+
+    async def patch(self, name: str) -> bool:
+        """True when this execution runs the patched code path.
+
+        New executions record a patch marker and take the new path. A replay of a
+        workflow that started before the patch finds another step at this position
+        (or nothing left), takes the old path and consumes no position.
+        """
+        rec = self._peek()
+        if rec is not None:
+            if rec.kind == "patch" and rec.name == f"patch:{name}":
+                self.seq += 1
+                return True
+            return False
+        seq, _ = self._next(f"patch:{name}", "patch")
+        await self._finish_step(seq, f"patch:{name}", "patch", "done", "true", None)
+        return True
+
+    # -- child workflows -------------------------------------------------------------
+
+    async def start_child(self, name: str, inputs: str, workflow_id: str | None,
+                          queue: str, priority: int, timeout: float | None) -> str:
+        seq, rec = self._next(f"child:{name}", "child")
+        if rec is not None:
+            return str(loads(rec.output))
+        child_id = workflow_id or f"{self.workflow_id}.c{seq}"
+        try:
+            async with self.engine.driver.transaction(self.node) as conn:
+                # the child row and the parent's checkpoint commit together: a child is
+                # started exactly once whatever crashes
+                await conn.fetchrow(
+                    Q["insert_workflow"], self.tenant, self.shard, child_id, name, queue,
+                    priority, inputs, self.workflow_id, self._cfg.max_attempts, timeout, 0.0,
+                )
+                try:
+                    ok = await conn.fetchrow(
+                        Q["insert_step_strict"], self.tenant, self.shard, self.workflow_id,
+                        self.fence, seq, f"child:{name}", "child", "done",
+                        json.dumps(child_id), None, None,
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise _AlreadyRecorded() from None
+                if ok is None:
+                    raise self._fenced_out(f"start of child {child_id!r}")
+        except _AlreadyRecorded:
+            return str(await self._reload(seq))
+        self.engine.wake_workers()
+        return child_id
+
+    async def child_result(self, child_id: str, timeout: float | None) -> Any:
+        name = f"child_result:{child_id}"
+        seq, rec = self._next(name, "child_result")
+        if rec is None:
+            outcome = await self.engine.wait_terminal(self.tenant, child_id, timeout)
+            await self._finish_step(seq, name, "child_result", "done",
+                                    json.dumps(outcome), None)
+        else:
+            outcome = loads(rec.output)
+        return self.engine.outcome_value(self.tenant, child_id, outcome)
+
+
+class _AlreadyRecorded(Exception):
+    """Another execution already checkpointed this position."""
+
+
+def _recorded(r: Any) -> Recorded:
+    return Recorded(r["seq"], r["name"], r["kind"], r["status"], r["output"], r["error"],
+                    r["attempts"], r["wake_at"])
+
+
+def recorded_steps(rows: list[Any]) -> dict[int, Recorded]:
+    return {r["seq"]: _recorded(r) for r in rows}
+
+
+# -- the public functions used inside workflow code -----------------------------------------
+
+async def sleep(seconds: float) -> None:
+    """Durable sleep: survives restarts; a long sleep frees the worker meanwhile."""
+    await require("shardflow.sleep").sleep(seconds)
+
+
+async def recv(topic: str, timeout: float = 60.0) -> Any:
+    """Receive the next message sent to this workflow on ``topic``, or None at timeout."""
+    return await require("shardflow.recv").recv(topic, timeout)
+
+
+async def set_event(key: str, value: Any) -> None:
+    """Publish ``value`` under ``key`` for this workflow (read with ``engine.get_event``)."""
+    await require("shardflow.set_event").set_event(key, value)
+
+
+async def patch(name: str) -> bool:
+    """Branch on a code change without breaking workflows already in flight."""
+    return await require("shardflow.patch").patch(name)
+
+
+def workflow_id() -> str:
+    """The id of the running workflow."""
+    return require("shardflow.workflow_id").workflow_id
+
+
+def tenant() -> str:
+    """The tenant of the running workflow."""
+    return require("shardflow.tenant").tenant

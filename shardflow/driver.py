@@ -1,0 +1,174 @@
+"""The driver layer: connection pools per node and every SQL call the engine makes.
+
+The engine never writes SQL; it calls a method here, which runs a named block of
+``sql/queries.sql`` on the node that holds the tenant's shard. Driver errors are
+translated to shardflow errors (by SQLSTATE) at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import asyncpg
+
+from .clusterfile import NodeSpec
+from .errors import RetryableDatabaseError, RoutingError, ShardflowError, translate
+from .routing import ShardMap
+
+T = TypeVar("T")
+Record = Any  # asyncpg.Record: untyped upstream
+
+_BLOCK_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries() -> dict[str, str]:
+    """Named blocks of ``sql/queries.sql``: ``-- name: x`` up to the next one."""
+    text = resources.files("shardflow.sql").joinpath("queries.sql").read_text("utf-8")
+    parts = _BLOCK_RE.split(text)
+    queries = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        # drop the leading comment lines of a block, keep the statement
+        lines = [ln for ln in body.strip().splitlines() if not ln.startswith("--")]
+        queries[name] = "\n".join(lines).strip().rstrip(";")
+    return queries
+
+
+Q = load_queries()
+
+
+@dataclass(slots=True)
+class Node:
+    spec: NodeSpec
+    pool: asyncpg.Pool | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+async def _with_retry(
+    op: Callable[[], Awaitable[T]], *, what: str, attempts: int = 6, base: float = 0.05
+) -> T:
+    """Run an idempotent operation, retrying connection-class failures with jittered
+    exponential backoff (a restarting node, a failover). Other errors go straight up."""
+    for i in range(attempts):
+        try:
+            return await op()
+        except ShardflowError:
+            raise
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            err = translate(exc, context=what)
+            if not isinstance(err, RetryableDatabaseError) or i == attempts - 1:
+                raise err from exc
+        await asyncio.sleep(min(2.0, base * 2**i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Driver:
+    """Pools for every node of a cluster, routed by the shard map."""
+
+    def __init__(self, nodes: Sequence[NodeSpec], shard_map: ShardMap, *, pool_size: int,
+                 connect_timeout: float) -> None:
+        self.nodes = {n.name: Node(n) for n in nodes}
+        self.shard_map = shard_map
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        missing = sorted(set(shard_map.placement) - set(self.nodes))
+        if missing:
+            raise RoutingError(f"the shard map places shards on node(s) {missing}, "
+                               f"which the cluster does not list ({sorted(self.nodes)})")
+
+    async def open(self) -> None:
+        await asyncio.gather(*(self._open_node(n) for n in self.nodes.values()))
+
+    async def _open_node(self, node: Node) -> None:
+        # Start-up waits for a node that is briefly down instead of crashing
+        # (dbos-transact-py#150): retry until connect_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                node.pool = await asyncpg.create_pool(
+                    node.spec.dsn, min_size=1, max_size=self._pool_size,
+                    max_inactive_connection_lifetime=60,
+                )
+                return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                err = translate(exc, context=f"connecting to node {node.name}")
+                if not isinstance(err, RetryableDatabaseError) or loop.time() > deadline:
+                    raise err from exc
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            if node.pool is not None:
+                await node.pool.close()
+                node.pool = None
+
+    # -- routing ---------------------------------------------------------------------
+
+    def node_for_shard(self, shard: int) -> Node:
+        return self.nodes[self.shard_map.node_of_shard(shard)]
+
+    def pool(self, node: Node) -> asyncpg.Pool:
+        if node.pool is None:
+            raise ShardflowError("the engine is not open: use 'async with engine:'")
+        return node.pool
+
+    # -- primitives ------------------------------------------------------------------
+
+    async def fetch(self, node: Node, query: str, *args: Any) -> list[Record]:
+        sql = Q[query]
+        return await _with_retry(lambda: self.pool(node).fetch(sql, *args),
+                                 what=f"{query} on node {node.name}")
+
+    async def fetchrow(self, node: Node, query: str, *args: Any) -> Record | None:
+        sql = Q[query]
+        return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args),
+                                 what=f"{query} on node {node.name}")
+
+    async def execute(self, node: Node, query: str, *args: Any) -> str:
+        sql = Q[query]
+        return await _with_retry(lambda: self.pool(node).execute(sql, *args),
+                                 what=f"{query} on node {node.name}")
+
+    @asynccontextmanager
+    async def transaction(self, node: Node) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction on ``node``; errors translated on the way out."""
+        try:
+            async with self.pool(node).acquire() as conn, conn.transaction():
+                yield conn
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise translate(exc, context=f"transaction on node {node.name}") from exc
+
+    # -- shard-routed calls (tenant and shard are always explicit) ------------------------
+
+    async def on_shard(self, shard: int, query: str, *args: Any) -> list[Record]:
+        return await self.fetch(self.node_for_shard(shard), query, *args)
+
+    async def row_on_shard(self, shard: int, query: str, *args: Any) -> Record | None:
+        return await self.fetchrow(self.node_for_shard(shard), query, *args)
+
+    async def insert_workflow(self, *, tenant: str, shard: int, workflow_id: str, name: str,
+                              queue: str, priority: int, inputs: str, parent_id: str | None,
+                              max_attempts: int, timeout: float | None,
+                              delay: float) -> bool:
+        """Insert a workflow row; False when (tenant, id) already existed."""
+        row = await self.row_on_shard(
+            shard, "insert_workflow", tenant, shard, workflow_id, name, queue, priority,
+            inputs, parent_id, max_attempts, timeout, delay,
+        )
+        return row is not None
+
+    async def claim(self, node: Node, shards: list[int], names: list[str], worker_id: str,
+                    limit: int) -> list[Record]:
+        return await self.fetch(node, "claim_workflows", shards, names, worker_id, limit)

@@ -1,0 +1,581 @@
+"""The public engine: register workflows and steps, start them, watch them.
+
+An :class:`Engine` is an object you create, open and close (``async with engine``): no
+global state. It reads the cluster file (or takes DSNs), connects to every node,
+migrates them, reads the shard map the nodes store, and runs this process's workers
+unless ``run_workers=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar, cast
+
+import psycopg
+
+from . import clusterfile, context
+from .clusterfile import ClusterSpec, NodeSpec
+from .config import EngineConfig
+from .driver import Q, Driver
+from .errors import (
+    InvalidArgument,
+    RoutingError,
+    UnknownWorkflowName,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowNotFound,
+)
+from .migrate import init_node, migrate, read_shard_map
+from .routing import ShardMap, validate_tenant
+from .serde import dump_args, dumps, loads
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TERMINAL = ("succeeded", "failed", "cancelled", "dead")
+STATUSES = ("pending", "running", *TERMINAL)
+MAX_ID_LEN = 256
+
+
+def _validate_id(value: object, argument: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{argument} must be a non-empty str, got {value!r}")
+    if len(value) > MAX_ID_LEN:
+        raise InvalidArgument(f"{argument} is {len(value)} characters; the maximum is "
+                              f"{MAX_ID_LEN}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    queue: str
+    max_attempts: int | None
+
+
+class WorkflowHandle:
+    """A started workflow, by tenant and id."""
+
+    def __init__(self, engine: Engine, tenant: str, workflow_id: str) -> None:
+        self.engine = engine
+        self.tenant = tenant
+        self.workflow_id = workflow_id
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle(tenant={self.tenant!r}, workflow_id={self.workflow_id!r})"
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the workflow to end; return its result or raise WorkflowFailed.
+
+        Inside a workflow this is durable: the child's outcome is checkpointed.
+        """
+        ctx = context.current()
+        if ctx is not None and ctx.engine is self.engine:
+            return await ctx.child_result(self.workflow_id, timeout)
+        outcome = await self.engine.wait_terminal(self.tenant, self.workflow_id, timeout)
+        return self.engine.outcome_value(self.tenant, self.workflow_id, outcome)
+
+    async def status(self) -> str:
+        return str((await self.engine.get_info(self.tenant, self.workflow_id))["status"])
+
+    async def info(self) -> dict[str, Any]:
+        return await self.engine.get_info(self.tenant, self.workflow_id)
+
+    async def cancel(self) -> list[str]:
+        return await self.engine.cancel(self.tenant, self.workflow_id)
+
+
+class Engine:
+    """Durable workflows over a sharded Postgres cluster.
+
+    ``Engine()`` uses the cluster file (``.shardflow/cluster.json`` or
+    ``$SHARDFLOW_CLUSTER``); ``Engine(dsns=[...])`` takes explicit nodes and, if they
+    are new, places ``shard_count`` shards on them.
+    """
+
+    def __init__(
+        self,
+        *,
+        dsns: Sequence[str] | None = None,
+        cluster_file: Path | str | None = None,
+        config: EngineConfig | None = None,
+        run_workers: bool = True,
+        shard_count: int = 256,
+    ) -> None:
+        if dsns is not None and cluster_file is not None:
+            raise InvalidArgument("give either dsns or cluster_file, not both")
+        if dsns is not None and (isinstance(dsns, str) or not dsns):
+            raise InvalidArgument("dsns must be a non-empty list of connection strings")
+        self.config = config or EngineConfig()
+        self.run_workers = run_workers
+        self._dsns = list(dsns) if dsns is not None else None
+        self._cluster_file = Path(cluster_file) if cluster_file is not None else None
+        self._shard_count = shard_count
+        self._workflows: dict[str, _Registered] = {}
+        self._step_names: set[str] = set()
+        self.driver: Driver = cast(Driver, None)
+        self.shard_map: ShardMap = cast(ShardMap, None)
+        self._worker: Any = None
+        self._opened = False
+        self._waiters: dict[tuple[str, str], set[context.WorkflowContext]] = {}
+        self._done_events: dict[tuple[str, str], asyncio.Event] = {}
+        self.metrics: Counter[str] = Counter()
+
+    # -- registration ----------------------------------------------------------------
+
+    def workflow(self, *, name: str | None = None, queue: str = "default",
+                 max_attempts: int | None = None) -> Callable[[Callable[P, Awaitable[R]]],
+                                                               Callable[P, Awaitable[R]]]:
+        """Register an async function as a workflow (by ``name``, default its qualname)."""
+
+        def deco(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+            if not asyncio.iscoroutinefunction(fn):
+                raise InvalidArgument(f"workflow {fn!r} must be an async function")
+            wf_name = name or fn.__qualname__
+            if wf_name in self._workflows and self._workflows[wf_name].fn is not fn:
+                raise InvalidArgument(f"workflow name {wf_name!r} is registered twice")
+            self._workflows[wf_name] = _Registered(wf_name, fn, queue, max_attempts)
+            fn.__shardflow_name__ = wf_name  # type: ignore[attr-defined]
+            return fn
+
+        return deco
+
+    def step(self, *, name: str | None = None, retries: int = 0
+             ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+        """A checkpointed step with an external side effect: at least once, each run
+        recorded. Outside a workflow the function just runs."""
+        if retries < 0:
+            raise InvalidArgument(f"retries must be >= 0, got {retries}")
+
+        def deco(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+            step_name = name or fn.__qualname__
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                ctx = context.current()
+                if ctx is None:
+                    return await fn(*args, **kwargs)
+                return cast(R, await ctx.run_step(fn, step_name, retries, args, kwargs))
+
+            self._step_names.add(step_name)
+            return wrapper
+
+        return deco
+
+    def transaction(self, *, name: str | None = None, retries: int = 0
+                    ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+        """A step that runs in the checkpoint's transaction on the tenant's node: its
+        writes and its checkpoint commit together, so it takes effect exactly once.
+        The function receives the asyncpg connection first; callers omit it."""
+        if retries < 0:
+            raise InvalidArgument(f"retries must be >= 0, got {retries}")
+
+        def deco(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+            step_name = name or fn.__qualname__
+
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> R:
+                ctx = context.require(f"transaction step {step_name!r}")
+                return cast(R, await ctx.run_transaction(fn, step_name, retries, args, kwargs))
+
+            return wrapper
+
+        return deco
+
+    @property
+    def workflow_names(self) -> list[str]:
+        return sorted(self._workflows)
+
+    def registered(self, name: str) -> _Registered | None:
+        return self._workflows.get(name)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        nodes, shard_map = await asyncio.to_thread(self._discover)
+        self.shard_map = shard_map
+        self.driver = Driver(nodes, shard_map, pool_size=self.config.pool_size,
+                             connect_timeout=self.config.connect_timeout)
+        await self.driver.open()
+        self._opened = True
+        if self.run_workers:
+            from .executor import Worker
+
+            self._worker = Worker(self)
+            await self._worker.start()
+
+    async def close(self) -> None:
+        if not self._opened:
+            return
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        await self.driver.close()
+        self._opened = False
+
+    async def run_worker(self, stop: asyncio.Event | None = None) -> None:
+        """Open the engine, run workers until ``stop`` is set (or forever), close."""
+        self.run_workers = True
+        async with self:
+            await (stop or asyncio.Event()).wait()
+
+    def _connect_retrying(self, dsn: str, what: str) -> psycopg.Connection[Any]:
+        deadline = time.monotonic() + self.config.connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise RoutingError(f"cannot connect to {what}: {exc}".strip()) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _discover(self) -> tuple[list[NodeSpec], ShardMap]:
+        """Connect to every node (waiting for nodes briefly down), migrate, and read the
+        shard map the nodes store; initialise brand-new nodes."""
+        spec: ClusterSpec | None = None
+        if self._dsns is None:
+            spec = clusterfile.load(self._cluster_file)
+            targets = [(n.name, n.dsn) for n in spec.nodes]
+        else:
+            targets = [(None, d) for d in self._dsns]
+        found: list[tuple[str | None, str, str | None, ShardMap | None]] = []
+        for name, dsn in targets:
+            what = f"node {name}" if name else f"node #{len(found)}"
+            with self._connect_retrying(dsn, what) as conn:
+                if self.config.migrate:
+                    migrate(conn)
+                row = conn.execute("SELECT node_name FROM shardflow.node_info").fetchone()
+                node_name = row[0] if row else None
+                smap = read_shard_map(conn) if row else None
+            if name is not None and node_name is not None and node_name != name:
+                raise RoutingError(f"the cluster file says {dsn} is node {name!r}, but that "
+                                   f"database is node {node_name!r}")
+            found.append((name, dsn, node_name, smap))
+        maps = [f[3] for f in found if f[3] is not None]
+        if not maps:
+            # brand-new nodes: place the shards and initialise every node
+            names = [f[0] or f"node{i}" for i, f in enumerate(found)]
+            shard_map = (spec.shard_map if spec is not None
+                         else ShardMap.balanced(self._shard_count, names))
+            for (_, dsn, _, _), node_name in zip(found, names, strict=True):
+                with self._connect_retrying(dsn, node_name) as conn:
+                    init_node(conn, node_name, shard_map)
+            return [NodeSpec(n, "", 0, dsn) for (_, dsn, _, _), n in
+                    zip(found, names, strict=True)], shard_map
+        if len(maps) != len(found):
+            missing = [f[1] for f in found if f[3] is None]
+            raise RoutingError(f"some nodes are not initialised (no shard map): {missing}")
+        shard_map = max(maps, key=lambda m: m.epoch)
+        nodes = [NodeSpec(str(f[2]), "", 0, f[1]) for f in found]
+        names = {n.name for n in nodes}
+        missing_nodes = sorted(set(shard_map.placement) - names)
+        if missing_nodes:
+            raise RoutingError(f"the shard map places shards on node(s) {missing_nodes}, "
+                               f"but only {sorted(names)} were given")
+        return nodes, shard_map
+
+    # -- starting --------------------------------------------------------------------
+
+    def _resolve(self, workflow: Callable[..., Any] | str) -> _Registered:
+        name = workflow if isinstance(workflow, str) else getattr(
+            workflow, "__shardflow_name__", None)
+        if name is None:
+            raise UnknownWorkflowName(
+                f"{getattr(workflow, '__qualname__', workflow)!r} is not a registered "
+                "workflow: decorate it with @engine.workflow()")
+        reg = self._workflows.get(name)
+        if reg is None:
+            raise UnknownWorkflowName(f"no workflow named {name!r} is registered with this "
+                                      f"engine (registered: {self.workflow_names})")
+        return reg
+
+    async def start(
+        self,
+        workflow: Callable[..., Any] | str,
+        *args: Any,
+        tenant: str | None = None,
+        workflow_id: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        delay: float = 0.0,
+        **kwargs: Any,
+    ) -> WorkflowHandle:
+        """Start a workflow; returns once its row is committed (durable).
+
+        Starting an existing (tenant, workflow_id) returns the existing workflow's handle
+        and never runs it twice. Inside a workflow this starts a child in the same
+        tenant, exactly once.
+        """
+        self._require_open()
+        reg = self._resolve(workflow)
+        ctx = context.current()
+        if ctx is not None and tenant is not None and tenant != ctx.tenant:
+            raise InvalidArgument(f"a child workflow runs in its parent's tenant "
+                                  f"{ctx.tenant!r}, not {tenant!r}")
+        if ctx is None and tenant is None:
+            raise InvalidArgument("tenant is required to start a workflow")
+        tenant_id = validate_tenant(ctx.tenant if ctx is not None else tenant)
+        if workflow_id is not None:
+            _validate_id(workflow_id, "workflow_id")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if not isinstance(delay, int | float) or delay < 0:
+            raise InvalidArgument(f"delay must be a number of seconds >= 0, got {delay!r}")
+        if not isinstance(priority, int):
+            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        inputs = dump_args(args, kwargs, workflow=reg.name,
+                           max_bytes=self.config.max_payload_bytes)
+        q = queue or reg.queue
+        if ctx is not None:
+            child_id = await ctx.start_child(reg.name, inputs, workflow_id, q, priority, timeout)
+            return WorkflowHandle(self, tenant_id, child_id)
+        wf_id = workflow_id or str(uuid.uuid4())
+        shard = self.shard_map.shard(tenant_id)
+        inserted = await self.driver.insert_workflow(
+            tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name, queue=q,
+            priority=priority, inputs=inputs, parent_id=None,
+            max_attempts=reg.max_attempts or self.config.max_attempts, timeout=timeout,
+            delay=float(delay),
+        )
+        if not inserted:
+            info = await self.get_info(tenant_id, wf_id)
+            if info["name"] != reg.name:
+                raise InvalidArgument(
+                    f"workflow_id {wf_id!r} of tenant {tenant_id!r} is already used by a "
+                    f"{info['name']!r} workflow, not {reg.name!r}")
+        else:
+            self.metrics["started"] += 1
+            self.wake_workers()
+        return WorkflowHandle(self, tenant_id, wf_id)
+
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise InvalidArgument("the engine is not open: use 'async with engine:' "
+                                  "or 'await engine.open()'")
+
+    def wake_workers(self) -> None:
+        if self._worker is not None:
+            self._worker.wake()
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _route(self, tenant: str) -> int:
+        return self.shard_map.shard(validate_tenant(tenant))
+
+    async def get_info(self, tenant: str, workflow_id: str) -> dict[str, Any]:
+        self._require_open()
+        shard = self._route(tenant)
+        _validate_id(workflow_id, "workflow_id")
+        row = await self.driver.row_on_shard(shard, "get_workflow", tenant, shard, workflow_id)
+        if row is None:
+            raise WorkflowNotFound(tenant, workflow_id)
+        info = dict(row)
+        for k in ("inputs", "output", "error"):
+            info[k] = loads(info[k])
+        return info
+
+    async def get(self, tenant: str, workflow_id: str) -> WorkflowHandle:
+        """A handle on an existing workflow; WorkflowNotFound when there is none."""
+        await self.get_info(tenant, workflow_id)
+        return WorkflowHandle(self, tenant, workflow_id)
+
+    async def steps(self, tenant: str, workflow_id: str) -> list[dict[str, Any]]:
+        self._require_open()
+        shard = self._route(tenant)
+        await self.get_info(tenant, workflow_id)
+        rows = await self.driver.on_shard(shard, "list_steps", tenant, shard, workflow_id)
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["output"], d["error"] = loads(d["output"]), loads(d["error"])
+            out.append(d)
+        return out
+
+    async def list_workflows(self, *, tenant: str | None = None, status: str | None = None,
+                             name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Workflows across every node (or the tenant's node), newest first."""
+        self._require_open()
+        if status is not None and status not in STATUSES:
+            raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
+        if tenant is not None:
+            validate_tenant(tenant)
+            nodes = [self.driver.node_for_shard(self._route(tenant))]
+        else:
+            nodes = list(self.driver.nodes.values())
+        results = await asyncio.gather(*(
+            self.driver.fetch(n, "list_workflows", tenant, status, name, limit,
+                              self.shard_map.shards_of(n.name)) for n in nodes))
+        rows = [dict(r) for rs in results for r in rs]
+        rows.sort(key=lambda r: r["created_at"], reverse=True)
+        return rows[:limit]
+
+    async def wait_terminal(self, tenant: str, workflow_id: str,
+                            timeout: float | None) -> dict[str, Any]:
+        """Poll (or be woken locally) until the workflow ends; its status/output/error."""
+        self._require_open()
+        shard = self._route(tenant)
+        key = (tenant, workflow_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.01
+        while True:
+            row = await self.driver.row_on_shard(shard, "get_status", tenant, shard, workflow_id)
+            if row is None:
+                raise WorkflowNotFound(tenant, workflow_id)
+            if row["status"] in TERMINAL:
+                return {"status": row["status"], "output": loads(row["output"]),
+                        "error": loads(row["error"])}
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"workflow {workflow_id!r} of tenant {tenant!r} did not "
+                                   f"finish within {timeout}s (status {row['status']})")
+            ev = self._done_events.setdefault(key, asyncio.Event())
+            wait = delay if deadline is None else min(delay, max(0.0, deadline - loop.time()))
+            try:
+                await asyncio.wait_for(ev.wait(), wait)
+            except TimeoutError:
+                pass
+            delay = min(delay * 1.5, self.config.poll_interval)
+
+    def outcome_value(self, tenant: str, workflow_id: str, outcome: dict[str, Any]) -> Any:
+        status = outcome["status"]
+        if status == "succeeded":
+            return outcome["output"]
+        if status == "cancelled":
+            raise WorkflowCancelled(tenant, workflow_id, status, outcome["error"])
+        raise WorkflowFailed(tenant, workflow_id, status, outcome["error"])
+
+    def notify_done(self, tenant: str, workflow_id: str) -> None:
+        ev = self._done_events.pop((tenant, workflow_id), None)
+        if ev is not None:
+            ev.set()
+
+    # -- messages and events ---------------------------------------------------------
+
+    def register_waiter(self, ctx: context.WorkflowContext) -> None:
+        self._waiters.setdefault(ctx.key, set()).add(ctx)
+
+    def unregister_waiter(self, ctx: context.WorkflowContext) -> None:
+        waiters = self._waiters.get(ctx.key)
+        if waiters is not None:
+            waiters.discard(ctx)
+            if not waiters:
+                del self._waiters[ctx.key]
+
+    async def send(self, tenant: str, workflow_id: str, topic: str, message: Any, *,
+                   idempotency_key: str | None = None, _from_workflow: bool = False) -> None:
+        """Send ``message`` to a workflow's ``recv(topic)``. Inside a workflow, exactly
+        once; outside, give ``idempotency_key`` to make retries safe."""
+        self._require_open()
+        ctx = context.current()
+        if ctx is not None and not _from_workflow:
+            await ctx.send(tenant, workflow_id, topic, message)
+            return
+        shard = self._route(tenant)
+        _validate_id(workflow_id, "workflow_id")
+        if not isinstance(topic, str) or not topic:
+            raise InvalidArgument(f"topic must be a non-empty str, got {topic!r}")
+        payload = dumps(message, what=f"message to {workflow_id!r} on topic {topic!r}",
+                        max_bytes=self.config.max_payload_bytes)
+        node = self.driver.node_for_shard(shard)
+        async with self.driver.transaction(node) as conn:
+            if await conn.fetchrow(Q["lock_workflow_row"], tenant, shard, workflow_id) is None:
+                raise WorkflowNotFound(tenant, workflow_id)
+            await conn.fetchrow(Q["insert_message"], tenant, shard, workflow_id, topic,
+                                payload, idempotency_key)
+            await conn.execute(Q["wake_workflow"], tenant, shard, workflow_id)
+        for w in self._waiters.get((tenant, workflow_id), ()):
+            w.wake.set()
+        self.wake_workers()
+
+    async def get_event(self, tenant: str, workflow_id: str, key: str,
+                        timeout: float = 0.0) -> Any:
+        """The value a workflow published under ``key``; waits up to ``timeout`` for it,
+        then returns None."""
+        self._require_open()
+        shard = self._route(tenant)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            row = await self.driver.row_on_shard(shard, "get_event", tenant, shard,
+                                                 workflow_id, key)
+            if row is not None:
+                return loads(row["value"])
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(min(self.config.poll_interval, deadline - loop.time()))
+
+    # -- control ---------------------------------------------------------------------
+
+    async def cancel(self, tenant: str, workflow_id: str, *,
+                     reason: str = "cancelled") -> list[str]:
+        """Cancel a workflow and its children; returns the ids cancelled."""
+        self._require_open()
+        shard = self._route(tenant)
+        await self.get_info(tenant, workflow_id)
+        rows = await self.driver.on_shard(
+            shard, "cancel_tree", tenant, shard, workflow_id,
+            dumps({"type": "Cancelled", "message": reason}, what="reason", max_bytes=10_000))
+        ids = [r["workflow_id"] for r in rows]
+        for wid in ids:
+            self.notify_done(tenant, wid)
+        if self._worker is not None:
+            self._worker.interrupt(tenant, ids)
+        return ids
+
+    async def resume(self, tenant: str, workflow_id: str) -> WorkflowHandle:
+        """Run a cancelled, failed or dead workflow again from its last checkpoint."""
+        self._require_open()
+        shard = self._route(tenant)
+        await self.get_info(tenant, workflow_id)
+        row = await self.driver.row_on_shard(shard, "resume_workflow", tenant, shard,
+                                             workflow_id)
+        if row is None:
+            info = await self.get_info(tenant, workflow_id)
+            if info["status"] == "succeeded":
+                raise InvalidArgument(f"workflow {workflow_id!r} of tenant {tenant!r} "
+                                      "succeeded; there is nothing to resume (use fork)")
+        self.wake_workers()
+        return WorkflowHandle(self, tenant, workflow_id)
+
+    async def fork(self, tenant: str, workflow_id: str, *, from_step: int,
+                   new_workflow_id: str | None = None) -> WorkflowHandle:
+        """A new workflow with the same inputs that replays the checkpoints of steps
+        before ``from_step`` and runs the rest again."""
+        self._require_open()
+        shard = self._route(tenant)
+        info = await self.get_info(tenant, workflow_id)
+        if not isinstance(from_step, int) or from_step < 0:
+            raise InvalidArgument(f"from_step must be an int >= 0, got {from_step!r}")
+        new_id = new_workflow_id or f"{workflow_id}.fork-{uuid.uuid4().hex[:8]}"
+        _validate_id(new_id, "new_workflow_id")
+        node = self.driver.node_for_shard(shard)
+        async with self.driver.transaction(node) as conn:
+            await conn.execute(Q["fork_workflow"], tenant, shard, workflow_id, new_id,
+                               from_step)
+        check = await self.get_info(tenant, new_id)
+        if check["name"] != info["name"]:
+            raise InvalidArgument(f"new_workflow_id {new_id!r} is already used")
+        self.wake_workers()
+        return WorkflowHandle(self, tenant, new_id)

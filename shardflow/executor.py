@@ -1,0 +1,280 @@
+"""A worker: claims workflows on each node, runs them, heartbeats, recovers orphans.
+
+Leases: a worker holds every workflow it runs through one heartbeat row per node
+(``shardflow.workers``), renewed every ``heartbeat_interval`` by a single write: no
+per-workflow heartbeat writes (hatchet#2604). When a worker stops heartbeating for
+``lease_timeout``, any other worker's recovery sweep puts its running workflows back to
+pending and the next claim takes them with a new fencing token; the dead (or merely
+stalled) worker's late checkpoint writes then match no row and are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import context
+from .driver import Node
+from .errors import (
+    NonDeterminismError,
+    RetryableDatabaseError,
+    SerializationError,
+    ShardflowError,
+    WorkflowInterrupt,
+)
+from .serde import dumps, error_payload, loads
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("shardflow.worker")
+
+
+@dataclass(slots=True)
+class _Running:
+    task: asyncio.Task[None]
+    node: Node
+    shard: int
+    fence: int
+
+
+class Worker:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cfg = engine.config
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.running: dict[tuple[str, str], _Running] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: dict[str, asyncio.Event] = {}
+        self._slot_free = asyncio.Event()
+        self._stopping = False
+        self._last_heartbeat: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        driver = self.engine.driver
+        # Register on every node before claiming anything: a claim by a worker without a
+        # live heartbeat row would be recovered by the others at once.
+        await asyncio.gather(*(self._heartbeat(n) for n in driver.nodes.values()))
+        for node in driver.nodes.values():
+            self._wake[node.name] = asyncio.Event()
+            self._tasks.append(asyncio.create_task(self._claim_loop(node),
+                                                   name=f"claim:{node.name}"))
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        runs = [r.task for r in self.running.values()]
+        for t in runs:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *runs, return_exceptions=True)
+        # Hand our workflows back at once rather than after the lease expires.
+        for node in self.engine.driver.nodes.values():
+            with contextlib.suppress(ShardflowError):
+                await self.engine.driver.execute(node, "release_worker", self.worker_id)
+                await self.engine.driver.execute(node, "delete_worker", self.worker_id)
+
+    def wake(self) -> None:
+        for ev in self._wake.values():
+            ev.set()
+
+    def interrupt(self, tenant: str, workflow_ids: list[str]) -> None:
+        """Stop local runs of workflows that were cancelled."""
+        for wid in workflow_ids:
+            r = self.running.get((tenant, wid))
+            if r is not None:
+                r.task.cancel()
+
+    # -- loops -----------------------------------------------------------------------
+
+    def _shards(self, node: Node) -> list[int]:
+        return self.engine.shard_map.shards_of(node.name)
+
+    async def _claim_loop(self, node: Node) -> None:
+        names = self.engine.workflow_names
+        shards = self._shards(node)
+        wake = self._wake[node.name]
+        while not self._stopping:
+            free = self.cfg.max_concurrency - len(self.running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            limit = min(free, self.cfg.claim_batch)
+            try:
+                rows = await self.engine.driver.claim(node, shards, names, self.worker_id, limit)
+            except ShardflowError as exc:
+                log.warning("claim on node %s failed: %s", node.name, exc)
+                rows = []
+                await asyncio.sleep(self.cfg.poll_interval)
+            for row in rows:
+                self._spawn(node, row)
+            if len(rows) < limit:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.cfg.poll_interval)
+
+    async def _heartbeat(self, node: Node) -> None:
+        await self.engine.driver.execute(
+            node, "heartbeat", self.worker_id, socket.gethostname(), os.getpid(),
+            self.engine.workflow_names, self.cfg.lease_timeout,
+        )
+        self._last_heartbeat[node.name] = time.monotonic()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+            for node in self.engine.driver.nodes.values():
+                try:
+                    await self._heartbeat(node)
+                    await self._check_inflight(node)
+                except ShardflowError as exc:
+                    log.warning("heartbeat on node %s failed: %s", node.name, exc)
+                    last = self._last_heartbeat.get(node.name, 0.0)
+                    if time.monotonic() - last > self.cfg.lease_timeout:
+                        # Our lease on this node may have lapsed: another worker may own
+                        # these workflows now. Stop them here (their writes would be
+                        # fenced off anyway).
+                        for key, r in list(self.running.items()):
+                            if r.node is node:
+                                r.task.cancel()
+                                self.running.pop(key, None)
+
+    async def _check_inflight(self, node: Node) -> None:
+        mine = [(k, r) for k, r in self.running.items() if r.node is node]
+        if not mine:
+            return
+        rows = await self.engine.driver.fetch(
+            node, "check_inflight", [k[0] for k, _ in mine], [k[1] for k, _ in mine],
+            [r.fence for _, r in mine], [r.shard for _, r in mine],
+        )
+        for row in rows:
+            key = (row["tenant_id"], row["workflow_id"])
+            r = self.running.get(key)
+            if r is not None:
+                r.task.cancel()
+            self.engine.notify_done(*key)
+
+    async def _recovery_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(self.cfg.recovery_interval)
+            ticks += 1
+            for node in self.engine.driver.nodes.values():
+                try:
+                    rows = await self.engine.driver.fetch(node, "recover_orphans",
+                                                          self._shards(node))
+                    if rows:
+                        self.engine.metrics["recovered"] += len(rows)
+                        log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
+                        self._wake[node.name].set()
+                    if ticks % 20 == 0:
+                        await self.engine.driver.execute(node, "mark_unrunnable",
+                                                         self._shards(node))
+                        await self.engine.driver.execute(node, "prune_workers")
+                except ShardflowError as exc:
+                    log.warning("recovery sweep on node %s failed: %s", node.name, exc)
+
+    # -- running one workflow --------------------------------------------------------
+
+    def _spawn(self, node: Node, row: Any) -> None:
+        key = (row["tenant_id"], row["workflow_id"])
+        task = asyncio.create_task(self._run(node, row), name=f"wf:{key[0]}/{key[1]}")
+        self.running[key] = _Running(task, node, row["shard_id"], row["fence"])
+
+        def done(_: asyncio.Task[None]) -> None:
+            r = self.running.get(key)
+            if r is not None and r.task is task:
+                del self.running[key]
+            self._slot_free.set()
+
+        task.add_done_callback(done)
+
+    async def _finish(self, ctx: context.WorkflowContext, status: str, output: str | None,
+                      error: dict[str, Any] | None) -> None:
+        err = dumps(error, what="error", max_bytes=1_000_000) if error is not None else None
+        row = await self.engine.driver.fetchrow(
+            ctx.node, "finish_workflow", ctx.tenant, ctx.shard, ctx.workflow_id, ctx.fence,
+            status, output, err,
+        )
+        if row is not None:
+            self.engine.metrics[status] += 1
+            self.engine.notify_done(ctx.tenant, ctx.workflow_id)
+
+    async def _run(self, node: Node, row: Any) -> None:
+        engine = self.engine
+        tenant, shard, wf_id = row["tenant_id"], row["shard_id"], row["workflow_id"]
+        ctx = context.WorkflowContext(engine, tenant, shard, node, wf_id, row["name"],
+                                      row["fence"])
+        cm: asyncio.Timeout | None = None
+        try:
+            if row["attempts"] > row["max_attempts"]:
+                await self._finish(ctx, "dead", None, {
+                    "type": "DeadLetter",
+                    "message": f"gave up after {row['attempts'] - 1} attempts "
+                               f"(max_attempts={row['max_attempts']})"})
+                return
+            remaining = row["remaining"]
+            if remaining is not None and remaining <= 0:
+                await engine.cancel(tenant, wf_id, reason="timed out")
+                return
+            reg = engine.registered(row["name"])
+            if reg is None:  # cannot happen: claims filter by our names
+                return
+            steps = await engine.driver.fetch(node, "load_steps", tenant, shard, wf_id)
+            ctx.recorded = context.recorded_steps(steps)
+            inputs = loads(row["inputs"])
+            token = context._current.set(ctx)
+            try:
+                coro = reg.fn(*inputs["args"], **inputs["kwargs"])
+                if remaining is not None:
+                    async with asyncio.timeout(remaining) as cm:
+                        result = await coro
+                else:
+                    result = await coro
+            finally:
+                context._current.reset(token)
+            if ctx.fatal is not None:
+                raise ctx.fatal
+            try:
+                out = dumps(result, what=f"result of workflow {row['name']!r}",
+                            max_bytes=self.cfg.max_payload_bytes)
+            except SerializationError as exc:
+                await self._finish(ctx, "failed", None, error_payload(exc))
+                return
+            await self._finish(ctx, "succeeded", out, None)
+        except WorkflowInterrupt as exc:
+            log.debug("workflow %s/%s interrupted: %s", tenant, wf_id, exc.reason)
+        except asyncio.CancelledError:
+            # cancelled here (engine stopping, workflow cancelled or taken over): nothing
+            # more is written; the database already says what happens next
+            raise
+        except TimeoutError as exc:
+            if cm is not None and cm.expired():
+                await engine.cancel(tenant, wf_id, reason="timed out")
+            else:
+                await self._fail(ctx, exc)
+        except RetryableDatabaseError as exc:
+            # the database went away under us: leave the workflow running; its lease
+            # lapses and a live worker (maybe us) recovers it from the last checkpoint
+            log.warning("workflow %s/%s: %s", tenant, wf_id, exc)
+        except Exception as exc:
+            await self._fail(ctx, ctx.fatal if ctx.fatal is not None else exc)
+
+    async def _fail(self, ctx: context.WorkflowContext, exc: BaseException) -> None:
+        payload = error_payload(exc)
+        if isinstance(exc, NonDeterminismError):
+            payload["type"] = "NonDeterminismError"
+        with contextlib.suppress(ShardflowError):
+            await self._finish(ctx, "failed", None, payload)

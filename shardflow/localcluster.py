@@ -1,0 +1,479 @@
+"""The embedded default: a local multi-node PostgreSQL cluster on loopback.
+
+``LocalCluster(dir).up(nodes=N)`` runs initdb and pg_ctl for N primaries on free
+loopback ports, tunes them for this workload (``POSTGRES_SETTINGS``), creates the
+``shardflow`` database, migrates it, places the shards and writes ``cluster.json``.
+Run as root, every server process runs as the ``postgres`` OS user (Postgres refuses
+root). Authentication is ``trust`` on loopback only: this is a development and load-test
+cluster on one machine, never listening beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from . import clusterfile
+from .clusterfile import ClusterSpec, NodeSpec
+from .errors import ClusterError, ClusterFileError
+from .migrate import init_node, migrate
+from .routing import ShardMap
+
+DEFAULT_SHARDS = 256
+DATABASE = "shardflow"
+
+# Recorded in cluster.json and in the load reports. Chosen for a co-located
+# development/load-test machine: durability stays on (fsync, synchronous_commit), the
+# hot queue tables are vacuumed early (their partitions also carry storage parameters,
+# see migrations/0001), and WAL is sized so checkpoints do not dominate a bench run.
+POSTGRES_SETTINGS: dict[str, str] = {
+    "listen_addresses": "'127.0.0.1'",
+    "max_connections": "300",
+    "shared_buffers": "256MB",
+    "effective_cache_size": "2GB",
+    "work_mem": "8MB",
+    "maintenance_work_mem": "64MB",
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "wal_level": "replica",
+    "wal_compression": "on",
+    "max_wal_size": "4GB",
+    "min_wal_size": "256MB",
+    "checkpoint_timeout": "15min",
+    "checkpoint_completion_target": "0.9",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "random_page_cost": "1.1",
+    "autovacuum_naptime": "5s",
+    "autovacuum_vacuum_cost_limit": "2000",
+    "autovacuum_max_workers": "3",
+    "shared_preload_libraries": "'pg_stat_statements'",
+    "track_io_timing": "on",
+    "log_line_prefix": "'%m [%p] %q%u@%d '",
+    "log_min_duration_statement": "1000",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PgBinaries:
+    bindir: Path
+    version: str
+
+    def tool(self, name: str) -> str:
+        return str(self.bindir / name)
+
+
+def find_binaries() -> PgBinaries:
+    """Locate PostgreSQL server binaries: $SHARDFLOW_PG_BINDIR, pg_config, Debian, PATH."""
+    candidates: list[Path] = []
+    env = os.environ.get("SHARDFLOW_PG_BINDIR")
+    if env:
+        candidates.append(Path(env))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            )
+            candidates.append(Path(out.stdout.strip()))
+    debian = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: [int(x) for x in Path(p).parent.name.split(".") if x.isdigit()],
+        reverse=True,
+    )
+    candidates.extend(Path(p) for p in debian)
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(Path(initdb).parent)
+    for bindir in candidates:
+        if all((bindir / t).is_file() for t in ("initdb", "pg_ctl", "postgres")):
+            out = subprocess.run(
+                [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+            )
+            version = out.stdout.strip().rsplit(" ", 1)[-1] if out.returncode == 0 else "?"
+            major = version.split(".")[0]
+            if major.isdigit() and int(major) < 15:
+                continue
+            return PgBinaries(bindir, version)
+    raise ClusterError(
+        "PostgreSQL 15+ server binaries not found (looked at $SHARDFLOW_PG_BINDIR, "
+        "pg_config --bindir, /usr/lib/postgresql/*/bin, PATH); "
+        "on Debian: apt-get install postgresql"
+    )
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_free_port() -> int:
+    # Let the kernel choose: parallel test sessions never race on a scan of the same range.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    role: str
+    port: int
+    pid: int | None
+    running: bool
+    shards: int
+    replication_lag_bytes: int | None = None
+    schema_version: int | None = None
+
+
+def _as_postgres() -> dict[str, object]:
+    """subprocess keyword arguments that drop root to the postgres user."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise ClusterError(
+            "running as root, but there is no 'postgres' OS user to run the servers as; "
+            "on Debian: apt-get install postgresql (it creates the user)"
+        ) from None
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+class LocalCluster:
+    """A cluster of local Postgres primaries under one directory."""
+
+    def __init__(
+        self, directory: Path | str | None = None, *, log: Callable[[str], None] | None = None
+    ) -> None:
+        self.dir = Path(directory or clusterfile.DEFAULT_DIR).absolute()
+        self.file = self.dir / clusterfile.FILE_NAME
+        self._log = log or (lambda _msg: None)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _run(self, args: Sequence[str], *, what: str, timeout: float = 120) -> str:
+        try:
+            out = subprocess.run(
+                list(args),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                **_as_postgres(),  # type: ignore[arg-type]
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"{what} timed out after {timeout:.0f}s") from exc
+        if out.returncode != 0:
+            detail = (out.stderr or out.stdout).strip().splitlines()
+            raise ClusterError(f"{what} failed: {detail[-1] if detail else out.returncode}")
+        return out.stdout
+
+    def _prepare_dir(self) -> bool:
+        """Create or check the cluster directory; return True when it was created now."""
+        created = False
+        if self.dir.exists():
+            if not self.dir.is_dir():
+                raise ClusterError(f"data dir {self.dir} exists and is not a directory")
+            entries = [p.name for p in self.dir.iterdir()]
+            if entries and clusterfile.FILE_NAME not in entries:
+                raise ClusterError(
+                    f"data dir {self.dir} is not empty and holds no shardflow cluster "
+                    f"(found {', '.join(sorted(entries)[:3])}); choose another --dir"
+                )
+        else:
+            try:
+                self.dir.mkdir(parents=True)
+            except OSError as exc:
+                raise ClusterError(
+                    f"cannot create data dir {self.dir}: {exc.strerror}"
+                ) from exc
+            created = True
+        if not os.access(self.dir, os.W_OK):
+            raise ClusterError(f"data dir {self.dir} is not writable")
+        if os.geteuid() == 0:
+            # the servers run as postgres: give it the directory, and check it can reach it
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.dir, 0o755)
+            probe = subprocess.run(
+                ["test", "-w", str(self.dir)], check=False, **_as_postgres()  # type: ignore[call-overload]
+            )
+            if probe.returncode != 0:
+                raise ClusterError(
+                    f"data dir {self.dir} is not reachable by the postgres user "
+                    "(a parent directory is not searchable); choose another --dir"
+                )
+        return created
+
+    def node_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def _write_conf(self, pgdata: Path, port: int, sockdir: Path) -> None:
+        conf = dict(POSTGRES_SETTINGS)
+        conf["port"] = str(port)
+        conf["unix_socket_directories"] = f"'{sockdir}'"
+        text = "# written by shardflow cluster up\n" + "".join(
+            f"{k} = {v}\n" for k, v in conf.items()
+        )
+        (pgdata / "shardflow.conf").write_text(text)
+        with (pgdata / "postgresql.conf").open("a") as f:
+            f.write("\ninclude 'shardflow.conf'\n")
+        (pgdata / "pg_hba.conf").write_text(
+            "# loopback only, trust: a local development and load-test cluster\n"
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "local replication all trust\n"
+            "host replication all 127.0.0.1/32 trust\n"
+        )
+
+    def _pgdata(self, name: str) -> Path:
+        return self.node_dir(name) / "data"
+
+    def _is_running(self, bins: PgBinaries, name: str) -> int | None:
+        pidfile = self._pgdata(name) / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def _start_node(self, bins: PgBinaries, name: str) -> None:
+        pgdata = self._pgdata(name)
+        self._run(
+            [bins.tool("pg_ctl"), "-D", str(pgdata), "-l", str(self.node_dir(name) / "postgres.log"),
+             "-w", "-t", "60", "start"],
+            what=f"starting node {name} (log: {self.node_dir(name) / 'postgres.log'})",
+        )
+
+    def _stop_node(self, bins: PgBinaries, name: str) -> None:
+        if self._is_running(bins, name) is None:
+            return
+        self._run(
+            [bins.tool("pg_ctl"), "-D", str(self._pgdata(name)), "-m", "fast", "-w", "-t", "60",
+             "stop"],
+            what=f"stopping node {name}",
+        )
+
+    @staticmethod
+    def admin_dsn(port: int, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{port}/{database}"
+
+    # -- public operations -------------------------------------------------------------
+
+    def load(self) -> ClusterSpec:
+        return clusterfile.load(self.file)
+
+    def up(
+        self,
+        nodes: int | None = None,
+        *,
+        replicas: int = 0,
+        shard_count: int = DEFAULT_SHARDS,
+        base_port: int | None = None,
+    ) -> ClusterSpec:
+        """Start (or reuse) the cluster. On any failure, stops what this call started."""
+        if nodes is not None and nodes < 1:
+            raise ClusterError(f"--nodes must be at least 1, got {nodes}")
+        if replicas:
+            raise ClusterError("--replicas is not yet supported (it lands with the failover work)")
+        if shard_count < 1 or shard_count > 4096:
+            raise ClusterError(f"--shards must be between 1 and 4096, got {shard_count}")
+        if base_port is not None and not 1024 <= base_port <= 65535 - (nodes or 1):
+            raise ClusterError(f"--port {base_port} is out of range 1024..65535")
+        bins = find_binaries()
+        if self.file.exists():
+            return self._reuse(bins, nodes)
+        created = self._prepare_dir()
+        count = nodes or 3
+        names = [f"node{i}" for i in range(count)]
+        ports = self._choose_ports(count, base_port)
+        started: list[str] = []
+        try:
+            for name in names:
+                self.node_dir(name).mkdir(exist_ok=True)
+                if os.geteuid() == 0:
+                    pw = pwd.getpwnam("postgres")
+                    os.chown(self.node_dir(name), pw.pw_uid, pw.pw_gid)
+            for name, port in zip(names, ports, strict=True):
+                self._log(f"initdb {name} (port {port})")
+                pgdata = self._pgdata(name)
+                self._run(
+                    [bins.tool("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                     "--encoding=UTF8", "--locale=C", "--no-sync"],
+                    what=f"initdb of node {name}",
+                )
+                self._write_conf(pgdata, port, self.node_dir(name))
+                if not port_is_free(port):
+                    raise ClusterError(f"port {port} for node {name} is already taken")
+                self._start_node(bins, name)
+                started.append(name)
+            shard_map = ShardMap.balanced(shard_count, names)
+            spec = ClusterSpec(
+                nodes=tuple(
+                    NodeSpec(name, "127.0.0.1", port, self.admin_dsn(port, DATABASE),
+                             "primary", str(self._pgdata(name)))
+                    for name, port in zip(names, ports, strict=True)
+                ),
+                shard_map=shard_map,
+                kind="local",
+                dir=str(self.dir),
+                database=DATABASE,
+                settings={**POSTGRES_SETTINGS, "postgres_version": bins.version},
+            )
+            for node in spec.nodes:
+                self._log(f"migrate {node.name}")
+                self._init_database(node.port, node.name, shard_map)
+            clusterfile.save(spec, self.file)
+            return spec
+        except BaseException:
+            for name in started:
+                with contextlib.suppress(ClusterError):
+                    self._stop_node(bins, name)
+            if created:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:
+                for name in names:
+                    shutil.rmtree(self.node_dir(name), ignore_errors=True)
+            raise
+
+    def _choose_ports(self, count: int, base_port: int | None) -> list[int]:
+        if base_port is None:
+            ports: list[int] = []
+            while len(ports) < count:
+                p = pick_free_port()
+                if p not in ports:
+                    ports.append(p)
+            return ports
+        ports = [base_port + i for i in range(count)]
+        for p in ports:
+            if not port_is_free(p):
+                raise ClusterError(f"port {p} is already taken on 127.0.0.1; choose another --port")
+        return ports
+
+    def _init_database(self, port: int, name: str, shard_map: ShardMap) -> None:
+        with psycopg.connect(self.admin_dsn(port), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        with psycopg.connect(self.admin_dsn(port, DATABASE), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            migrate(conn)
+            init_node(conn, name, shard_map)
+
+    def _reuse(self, bins: PgBinaries, nodes: int | None) -> ClusterSpec:
+        spec = self.load()
+        if nodes is not None and nodes != len(spec.nodes):
+            raise ClusterError(
+                f"a {len(spec.nodes)}-node cluster already exists in {self.dir}; "
+                "run 'shardflow cluster down --purge' first to make one of another size"
+            )
+        for node in spec.nodes:
+            if self._is_running(bins, node.name) is None:
+                if not port_is_free(node.port):
+                    raise ClusterError(
+                        f"port {node.port} of node {node.name} is taken by another process"
+                    )
+                self._log(f"start {node.name}")
+                self._start_node(bins, node.name)
+            with psycopg.connect(node.dsn, autocommit=True) as conn:
+                migrate(conn)
+        return spec
+
+    def status(self) -> list[NodeStatus]:
+        spec = self.load()
+        bins = find_binaries()
+        out = []
+        for node in spec.nodes:
+            pid = self._is_running(bins, node.name)
+            role, lag, version = node.role, None, None
+            if pid is not None:
+                try:
+                    with psycopg.connect(node.dsn, connect_timeout=3, autocommit=True) as conn:
+                        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                        role = "standby" if row and row[0] else "primary"
+                        v = conn.execute(
+                            "SELECT coalesce(max(version), 0) FROM shardflow.schema_migrations"
+                        ).fetchone()
+                        version = int(v[0]) if v else None
+                        if role == "primary":
+                            r = conn.execute(
+                                "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))"
+                                " FROM pg_stat_replication"
+                            ).fetchone()
+                            lag = int(r[0]) if r and r[0] is not None else None
+                except psycopg.Error:
+                    role = "unreachable"
+            out.append(
+                NodeStatus(
+                    name=node.name,
+                    role=role,
+                    port=node.port,
+                    pid=pid,
+                    running=pid is not None,
+                    shards=len(spec.shard_map.shards_of(node.name)),
+                    replication_lag_bytes=lag,
+                    schema_version=version,
+                )
+            )
+        return out
+
+    def down(self, *, purge: bool = False) -> list[str]:
+        """Stop every node; with ``purge``, delete the directory. Returns the nodes stopped."""
+        try:
+            spec = self.load()
+            names = [n.name for n in spec.nodes]
+        except ClusterFileError:
+            if not self.dir.exists():
+                raise
+            # a corrupt file must not leave servers running: stop whatever node dirs exist
+            names = sorted(p.name for p in self.dir.glob("node*") if (p / "data").is_dir())
+        bins = find_binaries()
+        stopped = []
+        for name in names:
+            if self._is_running(bins, name) is not None:
+                self._log(f"stop {name}")
+                self._stop_node(bins, name)
+                stopped.append(name)
+        if purge:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return stopped
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            try:
+                s.connect(("127.0.0.1", port))
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None):
+                    raise
+        time.sleep(0.1)
+    raise ClusterError(f"nothing listens on port {port} after {timeout:.0f}s")

@@ -1,0 +1,55 @@
+"""JSON serialization of arguments, results and errors.
+
+JSON, not pickle: every input, checkpoint and output stays readable with plain SQL
+(``inputs->>0``). A value that JSON cannot carry is refused at the boundary with an
+error naming it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any
+
+from .errors import PayloadTooLarge, SerializationError
+
+
+def dumps(value: Any, *, what: str, max_bytes: int) -> str:
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"{what} cannot be serialized to JSON: {exc}") from exc
+    if len(text) > max_bytes:
+        raise PayloadTooLarge(
+            f"{what} is {len(text)} bytes serialized; the limit is {max_bytes} "
+            "(EngineConfig.max_payload_bytes)"
+        )
+    return text
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def dump_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, workflow: str,
+              max_bytes: int) -> str:
+    """Serialize a workflow's arguments, naming the first argument that cannot be."""
+    for i, a in enumerate(args):
+        _check(a, f"argument {i} of workflow {workflow!r}")
+    for k, v in kwargs.items():
+        _check(v, f"argument {k!r} of workflow {workflow!r}")
+    return dumps({"args": list(args), "kwargs": kwargs},
+                 what=f"arguments of workflow {workflow!r}", max_bytes=max_bytes)
+
+
+def _check(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"{what} cannot be serialized to JSON: {exc}") from exc
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """What is recorded of an exception: its type, message and a short traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8))
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": tb[-4000:]}

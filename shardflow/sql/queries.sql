@@ -1,0 +1,325 @@
+-- Every query the engine sends, one named block each, loaded once by shardflow.driver.
+-- Placeholders are $n (native on asyncpg). Convention: $1 tenant, $2 shard, $3 workflow id. Every workflow-table query names tenant_id
+-- and shard_id: the shard prunes to one partition, the tenant keys the row.
+-- Fenced writes join the workflow row FOR SHARE with the caller's fence: a recoverer's
+-- takeover (an UPDATE of that row) either waits for the write to commit or, if it
+-- committed first, makes the write see a new fence/status and insert nothing.
+
+-- name: insert_workflow
+-- $1 tenant, $2 shard, $3 id, $4 name, $5 queue, $6 priority, $7 inputs, $8 parent,
+-- $9 max_attempts, $10 timeout seconds (null = none), $11 delay seconds
+INSERT INTO shardflow.workflows
+    (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, parent_id,
+     max_attempts, deadline_at, ready_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9,
+        CASE WHEN $10::float8 IS NULL THEN NULL
+             ELSE now() + make_interval(secs => $10::float8) END,
+        now() + make_interval(secs => $11::float8))
+ON CONFLICT (tenant_id, workflow_id, shard_id) DO NOTHING
+RETURNING workflow_id;
+
+-- name: get_workflow
+SELECT tenant_id, shard_id, workflow_id, name, queue, priority, status, inputs, output, error,
+       parent_id, attempts, max_attempts, owner, fence, ready_at, deadline_at, reason,
+       created_at, updated_at, started_at, finished_at
+  FROM shardflow.workflows
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2;
+
+-- name: get_status
+SELECT status, output, error
+  FROM shardflow.workflows
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2;
+
+-- name: claim_workflows
+-- $1 shards, $2 workflow names this worker runs, $3 worker id, $4 batch size
+WITH picked AS (
+    SELECT tenant_id, workflow_id, shard_id
+      FROM shardflow.workflows
+     WHERE status = 'pending' AND ready_at <= now()
+       AND shard_id = ANY($1::int[]) AND name = ANY($2::text[])
+     ORDER BY priority DESC, ready_at
+     LIMIT $4
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE shardflow.workflows w
+   SET status = 'running', owner = $3, fence = w.fence + 1, attempts = w.attempts + 1,
+       started_at = coalesce(w.started_at, now()), updated_at = now(), reason = NULL
+  FROM picked p
+ WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id AND w.shard_id = p.shard_id
+RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence, w.attempts,
+          w.max_attempts, extract(epoch FROM w.deadline_at - now())::float8 AS remaining;
+
+-- name: recover_orphans
+-- Running workflows whose owner's lease on this node expired go back to pending.
+-- $1 shards
+UPDATE shardflow.workflows w
+   SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now(),
+       reason = 'recovered: worker ' || w.owner || ' stopped heartbeating'
+ WHERE w.status = 'running' AND w.shard_id = ANY($1::int[])
+   AND NOT EXISTS (SELECT 1 FROM shardflow.workers k
+                    WHERE k.worker_id = w.owner AND k.lease_expires_at > now())
+RETURNING w.tenant_id, w.workflow_id, w.owner;
+
+-- name: mark_unrunnable
+-- Give pending workflows that no live worker can run a readable reason (bounded scan).
+UPDATE shardflow.workflows w
+   SET reason = format('no live worker registers workflow %L', w.name)
+  FROM (SELECT tenant_id, workflow_id, shard_id FROM shardflow.workflows
+         WHERE status = 'pending' AND reason IS NULL
+           AND ready_at < now() - interval '5 seconds' AND shard_id = ANY($1::int[])
+         LIMIT 1000) p
+ WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id AND w.shard_id = p.shard_id
+   AND NOT EXISTS (SELECT 1 FROM shardflow.workers k
+                    WHERE k.lease_expires_at > now() AND w.name = ANY(k.workflow_names));
+
+-- name: heartbeat
+-- $1 worker id, $2 host, $3 pid, $4 names, $5 lease seconds
+INSERT INTO shardflow.workers (worker_id, host, pid, workflow_names, lease_expires_at)
+VALUES ($1, $2, $3, $4::text[], now() + make_interval(secs => $5::float8))
+ON CONFLICT (worker_id) DO UPDATE
+   SET heartbeat_at = now(), lease_expires_at = excluded.lease_expires_at,
+       workflow_names = excluded.workflow_names;
+
+-- name: prune_workers
+DELETE FROM shardflow.workers WHERE lease_expires_at < now() - interval '1 minute';
+
+-- name: check_inflight
+-- Of the workflows this worker runs here, which are no longer its own (cancelled,
+-- taken over): $1 tenants, $2 ids, $3 fences, $4 shards.
+SELECT w.tenant_id, w.workflow_id, w.status
+  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[])
+       AS f(tenant_id, workflow_id, fence, shard_id)
+  JOIN shardflow.workflows w
+    ON w.tenant_id = f.tenant_id AND w.workflow_id = f.workflow_id
+   AND w.shard_id = f.shard_id
+ WHERE w.status <> 'running' OR w.fence <> f.fence;
+
+-- name: release_worker
+-- Graceful stop: hand this worker's workflows back at once instead of after the lease.
+UPDATE shardflow.workflows
+   SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now()
+ WHERE owner = $1 AND status = 'running';
+
+-- name: delete_worker
+DELETE FROM shardflow.workers WHERE worker_id = $1;
+
+-- name: load_steps
+SELECT seq, name, kind, status, output, error, attempts,
+       extract(epoch FROM wake_at)::float8 AS wake_at
+  FROM shardflow.steps
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+ ORDER BY seq;
+
+-- name: step_started
+-- Before a non-transactional step runs: record the attempt (a re-run after a crash
+-- increments attempts, which is how re-runs are counted, never hidden).
+-- $1 tenant, $2 shard, $3 id, $4 fence, $5 seq, $6 name
+WITH w AS (
+    SELECT 1 FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+       AND fence = $4 AND status = 'running'
+       FOR SHARE
+)
+INSERT INTO shardflow.steps (tenant_id, shard_id, workflow_id, seq, name, kind, status)
+SELECT $1, $2, $3, $5, $6, 'step', 'started' FROM w
+ON CONFLICT (tenant_id, workflow_id, seq, shard_id) DO UPDATE
+   SET attempts = steps.attempts + 1
+ WHERE steps.status = 'started'
+RETURNING attempts;
+
+-- name: step_finished
+-- $1 tenant, $2 shard, $3 id, $4 fence, $5 seq, $6 name, $7 kind, $8 status,
+-- $9 output, $10 error, $11 retries
+WITH w AS (
+    SELECT 1 FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+       AND fence = $4 AND status = 'running'
+       FOR SHARE
+)
+INSERT INTO shardflow.steps
+    (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, error, retries,
+     finished_at)
+SELECT $1, $2, $3, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, now() FROM w
+ON CONFLICT (tenant_id, workflow_id, seq, shard_id) DO UPDATE
+   SET status = excluded.status, output = excluded.output, error = excluded.error,
+       retries = excluded.retries, finished_at = now()
+ WHERE steps.status IN ('started', 'waiting')
+RETURNING 1;
+
+-- name: insert_step_strict
+-- A checkpoint that must be the first and only one at this position: used inside a
+-- transaction step's own transaction, where a duplicate must abort the user's writes.
+-- $1 tenant, $2 shard, $3 id, $4 fence, $5 seq, $6 name, $7 kind, $8 status,
+-- $9 output, $10 error, $11 wake_at epoch seconds (nullable)
+WITH w AS (
+    SELECT 1 FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+       AND fence = $4 AND status = 'running'
+       FOR SHARE
+)
+INSERT INTO shardflow.steps
+    (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, error, wake_at,
+     finished_at)
+SELECT $1, $2, $3, $5, $6, $7, $8, $9::jsonb, $10::jsonb, to_timestamp($11::float8),
+       CASE WHEN $8 = 'waiting' THEN NULL ELSE now() END
+  FROM w
+RETURNING 1;
+
+-- name: finish_workflow
+-- $1 tenant, $2 shard, $3 id, $4 fence, $5 status, $6 output, $7 error
+UPDATE shardflow.workflows
+   SET status = $5, output = $6::jsonb, error = $7::jsonb, finished_at = now(),
+       updated_at = now(), owner = NULL
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND fence = $4 AND status = 'running'
+RETURNING 1;
+
+-- name: suspend_workflow
+-- Park a running workflow until $5 (epoch seconds): it is claimed again then, or
+-- earlier when a message arrives for it.
+UPDATE shardflow.workflows
+   SET status = 'pending', owner = NULL, ready_at = to_timestamp($5::float8),
+       updated_at = now()
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND fence = $4 AND status = 'running'
+RETURNING 1;
+
+-- name: retry_workflow_later
+-- A workflow that crashed its run (not its body) goes back to pending after a backoff.
+UPDATE shardflow.workflows
+   SET status = 'pending', owner = NULL, ready_at = now() + make_interval(secs => $5::float8),
+       updated_at = now(), reason = $6
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND fence = $4 AND status = 'running'
+RETURNING 1;
+
+-- name: lock_workflow_row
+-- send takes the receiver's row lock first, so a receiver parking itself (suspend) and
+-- a sender cannot both miss each other: see context.WorkflowContext.suspend.
+SELECT status FROM shardflow.workflows
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   FOR NO KEY UPDATE;
+
+-- name: insert_message
+-- $1 tenant, $2 shard, $3 destination id, $4 topic, $5 payload, $6 idempotency key
+INSERT INTO shardflow.messages (tenant_id, shard_id, workflow_id, topic, payload,
+                                idempotency_key)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+ON CONFLICT (tenant_id, workflow_id, idempotency_key, shard_id)
+    WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING msg_id;
+
+-- name: wake_workflow
+-- Make a parked (pending, not yet due) workflow due now.
+UPDATE shardflow.workflows
+   SET ready_at = now()
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND status = 'pending' AND ready_at > now();
+
+-- name: wake_if_messages
+UPDATE shardflow.workflows w
+   SET ready_at = now()
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND status = 'pending' AND ready_at > now()
+   AND EXISTS (SELECT 1 FROM shardflow.messages m
+                WHERE m.tenant_id = $1 AND m.workflow_id = $3 AND m.shard_id = $2);
+
+-- name: take_message
+-- $1 tenant, $2 shard, $3 id, $4 topic
+DELETE FROM shardflow.messages
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND topic = $4
+   AND msg_id = (SELECT msg_id FROM shardflow.messages
+                  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND topic = $4
+                  ORDER BY msg_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING payload;
+
+-- name: lock_fence
+-- Inside a transaction: hold the workflow row FOR SHARE if this worker still owns it.
+SELECT 1 FROM shardflow.workflows
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND fence = $4 AND status = 'running'
+   FOR SHARE;
+
+-- name: update_step_done
+-- $1 tenant, $2 shard, $3 id, $4 seq, $5 output
+UPDATE shardflow.steps
+   SET status = 'done', output = $5::jsonb, finished_at = now()
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND seq = $4
+   AND status = 'waiting'
+RETURNING 1;
+
+-- name: set_event
+INSERT INTO shardflow.events (tenant_id, shard_id, workflow_id, key, value)
+VALUES ($1, $2, $3, $4, $5::jsonb)
+ON CONFLICT (tenant_id, workflow_id, key, shard_id) DO UPDATE
+   SET value = excluded.value, updated_at = now();
+
+-- name: get_event
+SELECT value FROM shardflow.events
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND key = $4;
+
+-- name: cancel_tree
+-- Cancel a workflow and, recursively, its children (children share the tenant and so
+-- the shard). $4 is the error to record.
+WITH RECURSIVE tree AS (
+    SELECT workflow_id FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+    UNION
+    SELECT c.workflow_id FROM shardflow.workflows c JOIN tree t ON c.parent_id = t.workflow_id
+     WHERE c.tenant_id = $1 AND c.shard_id = $2
+)
+UPDATE shardflow.workflows w
+   SET status = 'cancelled', error = $4::jsonb, owner = NULL, finished_at = now(),
+       updated_at = now()
+  FROM tree
+ WHERE w.tenant_id = $1 AND w.shard_id = $2 AND w.workflow_id = tree.workflow_id
+   AND w.status IN ('pending', 'running')
+RETURNING w.workflow_id;
+
+-- name: resume_workflow
+UPDATE shardflow.workflows
+   SET status = 'pending', owner = NULL, ready_at = now(), finished_at = NULL,
+       error = NULL, output = NULL, attempts = 0, updated_at = now(), reason = 'resumed'
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+   AND status IN ('cancelled', 'failed', 'dead')
+RETURNING 1;
+
+-- name: fork_workflow
+-- Copy workflow $3 as $4 with the checkpoints of steps before $5.
+WITH src AS (
+    INSERT INTO shardflow.workflows
+        (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, parent_id,
+         max_attempts, reason)
+    SELECT tenant_id, shard_id, $4, name, queue, priority, inputs, parent_id, max_attempts,
+           'forked from ' || workflow_id || ' at step ' || $5
+      FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+    ON CONFLICT DO NOTHING
+    RETURNING workflow_id
+)
+INSERT INTO shardflow.steps
+    (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, error, attempts,
+     retries, wake_at, finished_at)
+SELECT s.tenant_id, s.shard_id, src.workflow_id, s.seq, s.name, s.kind, s.status, s.output,
+       s.error, s.attempts, s.retries, s.wake_at, s.finished_at
+  FROM shardflow.steps s, src
+ WHERE s.tenant_id = $1 AND s.workflow_id = $3 AND s.shard_id = $2 AND s.seq < $5
+   AND s.status IN ('done', 'error');
+
+-- name: list_workflows
+-- $1 tenant (null = all), $2 status, $3 name, $4 limit, $5 shards of this node
+SELECT tenant_id, workflow_id, name, queue, status, attempts, owner, parent_id,
+       created_at, started_at, finished_at, reason
+  FROM shardflow.workflows
+ WHERE ($1::text IS NULL OR tenant_id = $1)
+   AND ($2::text IS NULL OR status = $2)
+   AND ($3::text IS NULL OR name = $3)
+   AND shard_id = ANY($5::int[])
+ ORDER BY created_at DESC
+ LIMIT $4;
+
+-- name: list_steps
+SELECT seq, name, kind, status, output, error, attempts, retries, created_at, finished_at
+  FROM shardflow.steps
+ WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+ ORDER BY seq;
