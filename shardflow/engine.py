@@ -456,7 +456,8 @@ class Engine:
                 await asyncio.wait_for(ev.wait(), wait)
             except TimeoutError:
                 pass
-            delay = min(delay * 1.5, self.config.poll_interval)
+            # local completions wake us at once; other processes are polled with backoff
+            delay = min(delay * 1.5, 0.5)
 
     def outcome_value(self, tenant: str, workflow_id: str, outcome: dict[str, Any]) -> Any:
         status = outcome["status"]

@@ -15,13 +15,16 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+
 from . import context
-from .driver import Node
+from .driver import Q, Node
 from .errors import (
     NonDeterminismError,
     RetryableDatabaseError,
@@ -56,6 +59,8 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._stopping = False
         self._last_heartbeat: dict[str, float] = {}
+        self._loop_tick = time.monotonic()
+        self._beat: _HeartbeatThread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -68,11 +73,17 @@ class Worker:
             self._wake[node.name] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._claim_loop(node),
                                                    name=f"claim:{node.name}"))
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self._tick_loop(), name="tick"))
+        self._tasks.append(asyncio.create_task(self._watch_loop(), name="watch"))
+        self._beat = _HeartbeatThread(self)
+        self._beat.start()
         self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._beat is not None:
+            self._beat.stop.set()
+            await asyncio.to_thread(self._beat.join)
         for t in self._tasks:
             t.cancel()
         runs = [r.task for r in self.running.values()]
@@ -132,24 +143,30 @@ class Worker:
         )
         self._last_heartbeat[node.name] = time.monotonic()
 
-    async def _heartbeat_loop(self) -> None:
+    async def _tick_loop(self) -> None:
+        # Proves to the heartbeat thread that the event loop still runs workflows.
+        while True:
+            self._loop_tick = time.monotonic()
+            await asyncio.sleep(0.05)
+
+    async def _watch_loop(self) -> None:
+        """Stop local runs that lost their workflow (cancelled, taken over), and all runs
+        on a node where our lease may have lapsed."""
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
+            now = time.monotonic()
             for node in self.engine.driver.nodes.values():
+                last = self._last_heartbeat.get(node.name, 0.0)
+                if now - last > self.cfg.lease_timeout:
+                    # Another worker may own these workflows now; their writes would be
+                    # fenced off anyway, so stop spending effort on them.
+                    for r in [r for r in self.running.values() if r.node is node]:
+                        r.task.cancel()
+                    continue
                 try:
-                    await self._heartbeat(node)
                     await self._check_inflight(node)
                 except ShardflowError as exc:
-                    log.warning("heartbeat on node %s failed: %s", node.name, exc)
-                    last = self._last_heartbeat.get(node.name, 0.0)
-                    if time.monotonic() - last > self.cfg.lease_timeout:
-                        # Our lease on this node may have lapsed: another worker may own
-                        # these workflows now. Stop them here (their writes would be
-                        # fenced off anyway).
-                        for key, r in list(self.running.items()):
-                            if r.node is node:
-                                r.task.cancel()
-                                self.running.pop(key, None)
+                    log.warning("in-flight check on node %s failed: %s", node.name, exc)
 
     async def _check_inflight(self, node: Node) -> None:
         mine = [(k, r) for k, r in self.running.items() if r.node is node]
@@ -278,3 +295,50 @@ class Worker:
             payload["type"] = "NonDeterminismError"
         with contextlib.suppress(ShardflowError):
             await self._finish(ctx, "failed", None, payload)
+
+
+class _HeartbeatThread(threading.Thread):
+    """Renews this worker's lease on every node from a thread of its own.
+
+    In a thread, with its own connections, so that a busy event loop (hundreds of
+    workflows queued for pool connections) cannot delay the heartbeat past the lease
+    and get its own healthy workflows recovered by others. It still stops renewing when
+    the event loop has not ticked for half a lease: a wedged process must lose its
+    workflows, not hold them forever.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name=f"shardflow-heartbeat-{worker.worker_id}", daemon=True)
+        self.worker = worker
+        self.stop = threading.Event()
+        self._conns: dict[str, psycopg.Connection[Any]] = {}
+
+    def _beat(self, node: Node) -> None:
+        w = self.worker
+        conn = self._conns.get(node.name)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(node.spec.dsn, autocommit=True, connect_timeout=2,
+                                   cursor_factory=psycopg.RawCursor)
+            self._conns[node.name] = conn
+        conn.execute(Q["heartbeat"], (w.worker_id, socket.gethostname(), os.getpid(),
+                                      w.engine.workflow_names, w.cfg.lease_timeout))
+        w._last_heartbeat[node.name] = time.monotonic()
+
+    def run(self) -> None:
+        w = self.worker
+        try:
+            while not self.stop.wait(w.cfg.heartbeat_interval):
+                if time.monotonic() - w._loop_tick > w.cfg.lease_timeout / 2:
+                    log.warning("event loop stalled: not renewing the lease")
+                    continue
+                for node in list(w.engine.driver.nodes.values()):
+                    try:
+                        self._beat(node)
+                    except psycopg.Error as exc:
+                        log.warning("heartbeat on node %s failed: %s", node.name, exc)
+                        bad = self._conns.pop(node.name, None)
+                        if bad is not None:
+                            bad.close()
+        finally:
+            for conn in self._conns.values():
+                conn.close()

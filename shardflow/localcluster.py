@@ -11,14 +11,12 @@ cluster on one machine, never listening beyond 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,40 +74,53 @@ class PgBinaries:
 
 
 def find_binaries() -> PgBinaries:
-    """Locate PostgreSQL server binaries: $SHARDFLOW_PG_BINDIR, pg_config, Debian, PATH."""
+    """Locate PostgreSQL 15+ server binaries.
+
+    ``$SHARDFLOW_PG_BINDIR``, when set, is the only place looked at; otherwise
+    ``pg_config --bindir``, then Debian's ``/usr/lib/postgresql/*/bin`` (newest first),
+    then ``initdb`` on PATH.
+    """
     candidates: list[Path] = []
     env = os.environ.get("SHARDFLOW_PG_BINDIR")
     if env:
         candidates.append(Path(env))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            )
-            candidates.append(Path(out.stdout.strip()))
-    debian = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"),
-        key=lambda p: [int(x) for x in Path(p).parent.name.split(".") if x.isdigit()],
-        reverse=True,
-    )
-    candidates.extend(Path(p) for p in debian)
-    initdb = shutil.which("initdb")
-    if initdb:
-        candidates.append(Path(initdb).parent)
+    else:
+        pg_config = shutil.which("pg_config")
+        if pg_config:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                out = subprocess.run(
+                    [pg_config, "--bindir"], capture_output=True, text=True, timeout=10,
+                    check=True,
+                )
+                candidates.append(Path(out.stdout.strip()))
+        debian = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda p: [int(x) for x in Path(p).parent.name.split(".") if x.isdigit()],
+            reverse=True,
+        )
+        candidates.extend(Path(p) for p in debian)
+        initdb = shutil.which("initdb")
+        if initdb:
+            candidates.append(Path(initdb).parent)
     for bindir in candidates:
         if all((bindir / t).is_file() for t in ("initdb", "pg_ctl", "postgres")):
             out = subprocess.run(
-                [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+                [str(bindir / "postgres"), "--version"], capture_output=True, text=True,
+                check=False,
             )
-            version = out.stdout.strip().rsplit(" ", 1)[-1] if out.returncode == 0 else "?"
+            # "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" -> "15.18"
+            words = out.stdout.split()
+            version = "?"
+            if out.returncode == 0 and "(PostgreSQL)" in words:
+                version = words[words.index("(PostgreSQL)") + 1]
             major = version.split(".")[0]
             if major.isdigit() and int(major) < 15:
                 continue
             return PgBinaries(bindir, version)
+    where = (f"$SHARDFLOW_PG_BINDIR={env}" if env else
+             "pg_config --bindir, /usr/lib/postgresql/*/bin, PATH")
     raise ClusterError(
-        "PostgreSQL 15+ server binaries not found (looked at $SHARDFLOW_PG_BINDIR, "
-        "pg_config --bindir, /usr/lib/postgresql/*/bin, PATH); "
+        f"PostgreSQL 15+ server binaries not found (looked at {where}); "
         "on Debian: apt-get install postgresql"
     )
 
@@ -306,10 +317,10 @@ class LocalCluster:
         bins = find_binaries()
         if self.file.exists():
             return self._reuse(bins, nodes)
-        created = self._prepare_dir()
         count = nodes or 3
         names = [f"node{i}" for i in range(count)]
         ports = self._choose_ports(count, base_port)
+        created = self._prepare_dir()
         started: list[str] = []
         try:
             for name in names:
@@ -462,18 +473,3 @@ class LocalCluster:
         if purge:
             shutil.rmtree(self.dir, ignore_errors=True)
         return stopped
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            try:
-                s.connect(("127.0.0.1", port))
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ETIMEDOUT, None):
-                    raise
-        time.sleep(0.1)
-    raise ClusterError(f"nothing listens on port {port} after {timeout:.0f}s")

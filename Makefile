@@ -1,0 +1,30 @@
+# The two commands of the README. Both work on a fresh Debian machine (as root or with sudo).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	bash infra/install-postgres.sh
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# main job on the embedded default: a local 3-node cluster, real workflows, a summary
+demo: setup
+	$(VENV)/bin/shardflow demo
+
+# the whole test suite on real Postgres processes (a 3-node cluster per test process)
+test: setup
+	$(VENV)/bin/pytest -n 2 -q
+
+lint: setup
+	$(VENV)/bin/ruff check shardflow tests
+	$(VENV)/bin/mypy
+
+clean:
+	-$(VENV)/bin/shardflow cluster down --purge
+	rm -rf $(VENV)

@@ -1,0 +1,172 @@
+CREATE SCHEMA shardflow;
+CREATE FUNCTION shardflow.drop_shard(p_shard integer) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT table_name FROM shardflow.sharded_tables LOOP
+        EXECUTE format('DROP TABLE IF EXISTS shardflow.%I', format('%s_s%s', t.table_name, p_shard));
+    END LOOP;
+END
+$$;
+CREATE FUNCTION shardflow.ensure_shard(p_shard integer, p_shard_count integer) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    t record;
+    part text;
+BEGIN
+    FOR t IN SELECT table_name, storage FROM shardflow.sharded_tables ORDER BY table_name LOOP
+        part := format('%s_s%s', t.table_name, p_shard);
+        IF to_regclass(format('shardflow.%I', part)) IS NULL THEN
+            EXECUTE format(
+                'CREATE TABLE shardflow.%I PARTITION OF shardflow.%I FOR VALUES IN (%s) %s',
+                part, t.table_name, p_shard,
+                CASE WHEN t.storage = '' THEN '' ELSE format('WITH (%s)', t.storage) END);
+            EXECUTE format(
+                'ALTER TABLE shardflow.%I ADD CONSTRAINT %I CHECK (shardflow.shard_of(tenant_id, %s) = %s)',
+                part, part || '_tenant_shard', p_shard_count, p_shard);
+        END IF;
+    END LOOP;
+END
+$$;
+CREATE FUNCTION shardflow.shard_of(tenant text, shard_count integer) RETURNS integer
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN ((((('x'::text || "left"(md5(tenant), 8)))::bit(32))::bigint % (shard_count)::bigint))::integer;
+COMMENT ON FUNCTION shardflow.shard_of(tenant text, shard_count integer) IS 'Logical shard of a tenant: first 32 bits of md5(tenant) modulo the shard count. The Python client computes the same (shardflow.routing.shard_of).';
+CREATE TABLE shardflow.events (
+    tenant_id text NOT NULL,
+    shard_id integer NOT NULL,
+    workflow_id text NOT NULL,
+    key text NOT NULL,
+    value jsonb,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
+)
+PARTITION BY LIST (shard_id);
+CREATE SEQUENCE shardflow.message_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+CREATE TABLE shardflow.messages (
+    tenant_id text NOT NULL,
+    shard_id integer NOT NULL,
+    workflow_id text NOT NULL,
+    topic text NOT NULL,
+    msg_id bigint DEFAULT nextval('shardflow.message_seq'::regclass) NOT NULL,
+    payload jsonb,
+    idempotency_key text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+)
+PARTITION BY LIST (shard_id);
+CREATE TABLE shardflow.node_info (
+    singleton boolean DEFAULT true NOT NULL,
+    node_name text NOT NULL,
+    shard_count integer NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT node_info_shard_count_check CHECK ((shard_count > 0)),
+    CONSTRAINT node_info_singleton_check CHECK (singleton)
+);
+CREATE TABLE shardflow.shard_map (
+    shard_id integer NOT NULL,
+    node text NOT NULL,
+    epoch bigint DEFAULT 1 NOT NULL
+);
+CREATE TABLE shardflow.sharded_tables (
+    table_name text NOT NULL,
+    storage text DEFAULT ''::text NOT NULL
+);
+CREATE TABLE shardflow.steps (
+    tenant_id text NOT NULL,
+    shard_id integer NOT NULL,
+    workflow_id text NOT NULL,
+    seq integer NOT NULL,
+    name text NOT NULL,
+    kind text NOT NULL,
+    status text NOT NULL,
+    output jsonb,
+    error jsonb,
+    attempts integer DEFAULT 1 NOT NULL,
+    retries integer DEFAULT 0 NOT NULL,
+    wake_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    CONSTRAINT steps_kind_check CHECK ((kind = ANY (ARRAY['step'::text, 'transaction'::text, 'sleep'::text, 'recv'::text, 'send'::text, 'child'::text, 'child_result'::text, 'set_event'::text, 'patch'::text]))),
+    CONSTRAINT steps_status_check CHECK ((status = ANY (ARRAY['started'::text, 'done'::text, 'error'::text, 'waiting'::text])))
+)
+PARTITION BY LIST (shard_id);
+CREATE TABLE shardflow.workers (
+    worker_id text NOT NULL,
+    host text NOT NULL,
+    pid integer NOT NULL,
+    workflow_names text[] DEFAULT '{}'::text[] NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
+    lease_expires_at timestamp with time zone NOT NULL
+);
+CREATE TABLE shardflow.workflows (
+    tenant_id text NOT NULL,
+    shard_id integer NOT NULL,
+    workflow_id text NOT NULL,
+    name text NOT NULL,
+    queue text DEFAULT 'default'::text NOT NULL,
+    priority integer DEFAULT 0 NOT NULL,
+    status text DEFAULT 'pending'::text NOT NULL,
+    inputs jsonb NOT NULL,
+    output jsonb,
+    error jsonb,
+    parent_id text,
+    attempts integer DEFAULT 0 NOT NULL,
+    max_attempts integer DEFAULT 20 NOT NULL,
+    owner text,
+    fence bigint DEFAULT 0 NOT NULL,
+    ready_at timestamp with time zone DEFAULT now() NOT NULL,
+    deadline_at timestamp with time zone,
+    reason text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    started_at timestamp with time zone,
+    finished_at timestamp with time zone,
+    CONSTRAINT workflows_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text, 'dead'::text])))
+)
+PARTITION BY LIST (shard_id);
+CREATE VIEW shardflow.workflow_status AS
+ SELECT w.tenant_id,
+    w.shard_id,
+    w.workflow_id,
+    w.name,
+    w.queue,
+    w.status,
+    w.attempts,
+    w.owner,
+    w.created_at,
+    w.finished_at,
+    (COALESCE(w.finished_at, now()) - w.created_at) AS age,
+    ( SELECT count(*) AS count
+           FROM shardflow.steps s
+          WHERE ((s.tenant_id = w.tenant_id) AND (s.workflow_id = w.workflow_id) AND (s.shard_id = w.shard_id) AND (s.status = 'done'::text))) AS steps_done,
+    w.reason
+   FROM shardflow.workflows w;
+ALTER TABLE ONLY shardflow.events
+    ADD CONSTRAINT events_pkey PRIMARY KEY (tenant_id, workflow_id, key, shard_id);
+ALTER TABLE ONLY shardflow.messages
+    ADD CONSTRAINT messages_pkey PRIMARY KEY (tenant_id, workflow_id, topic, msg_id, shard_id);
+ALTER TABLE ONLY shardflow.node_info
+    ADD CONSTRAINT node_info_pkey PRIMARY KEY (singleton);
+ALTER TABLE ONLY shardflow.shard_map
+    ADD CONSTRAINT shard_map_pkey PRIMARY KEY (shard_id);
+ALTER TABLE ONLY shardflow.sharded_tables
+    ADD CONSTRAINT sharded_tables_pkey PRIMARY KEY (table_name);
+ALTER TABLE ONLY shardflow.steps
+    ADD CONSTRAINT steps_pkey PRIMARY KEY (tenant_id, workflow_id, seq, shard_id);
+ALTER TABLE ONLY shardflow.workers
+    ADD CONSTRAINT workers_pkey PRIMARY KEY (worker_id);
+ALTER TABLE ONLY shardflow.workflows
+    ADD CONSTRAINT workflows_pkey PRIMARY KEY (tenant_id, workflow_id, shard_id);
+CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
+CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
+CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
+CREATE INDEX workflows_pending_idx ON ONLY shardflow.workflows USING btree (priority DESC, ready_at) WHERE (status = 'pending'::text);
+CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);

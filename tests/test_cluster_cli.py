@@ -1,0 +1,126 @@
+"""`shardflow cluster up|status|down` on real servers, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from .conftest import make_tempdir
+
+
+def sf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardflow.cli", *args], capture_output=True,
+                          text=True, timeout=180, env=env)
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("shardflow: error: ")
+    assert fragment in lines[0], lines[0]
+
+
+def alive(pid: int) -> bool:
+    """True if pid runs (a zombie awaiting its reaper counts as stopped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    d = make_tempdir("shardflow-cli-")
+    yield d
+    sf("cluster", "down", "--dir", str(d / "c"), "--purge")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_up_status_reuse_down(tmp: Path) -> None:
+    d = str(tmp / "c")
+    up = sf("cluster", "up", "--nodes", "2", "--shards", "8", "--dir", d)
+    assert up.returncode == 0, up.stderr
+    spec = json.loads((tmp / "c" / "cluster.json").read_text())
+    assert [n["name"] for n in spec["nodes"]] == ["node0", "node1"]
+    assert sorted(set(spec["placement"])) == ["node0", "node1"]
+    st = sf("cluster", "status", "--dir", d, "--json")
+    rows = json.loads(st.stdout)
+    assert [r["running"] for r in rows] == [True, True]
+    assert [r["shards"] for r in rows] == [4, 4]
+    assert {r["role"] for r in rows} == {"primary"}
+    pids = [r["pid"] for r in rows]
+    # each node answers, and has the schema
+    for n in spec["nodes"]:
+        with psycopg.connect(n["dsn"]) as conn:
+            row = conn.execute("SELECT node_name, shard_count FROM shardflow.node_info").fetchone()
+            assert row == (n["name"], 8)
+    # a second up reuses the running cluster
+    again = sf("cluster", "up", "--dir", d)
+    assert again.returncode == 0, again.stderr
+    assert [r["pid"] for r in json.loads(sf("cluster", "status", "--dir", d, "--json").stdout)] == pids
+    # asking for another size is refused, naming the existing cluster
+    other = sf("cluster", "up", "--nodes", "3", "--dir", d)
+    assert_one_line_error(other, "a 2-node cluster already exists")
+    table = sf("cluster", "status", "--dir", d)
+    assert "node0" in table.stdout and "primary" in table.stdout
+    down = sf("cluster", "down", "--dir", d)
+    assert down.returncode == 0 and "stopped 2 node(s)" in down.stdout
+    assert not any(alive(pid) for pid in pids)
+    rows = json.loads(sf("cluster", "status", "--dir", d, "--json").stdout)
+    assert [r["running"] for r in rows] == [False, False]
+
+
+def test_nodes_zero_is_refused(tmp: Path) -> None:
+    assert_one_line_error(sf("cluster", "up", "--nodes", "0", "--dir", str(tmp / "c")),
+                          "--nodes must be at least 1")
+    assert not (tmp / "c").exists()
+
+
+def test_taken_port_is_refused_and_nothing_is_left(tmp: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = sf("cluster", "up", "--nodes", "2", "--port", str(port - 1), "--dir", str(tmp / "c"))
+    assert_one_line_error(out, f"port {port} is already taken")
+    assert not (tmp / "c").exists()
+
+
+def test_foreign_data_dir_is_refused(tmp: Path) -> None:
+    (tmp / "c").mkdir()
+    (tmp / "c" / "precious.txt").write_text("not ours")
+    assert_one_line_error(sf("cluster", "up", "--dir", str(tmp / "c")),
+                          "is not empty and holds no shardflow cluster")
+    assert (tmp / "c" / "precious.txt").read_text() == "not ours"
+
+
+def test_corrupt_cluster_file_is_named(tmp: Path) -> None:
+    (tmp / "c").mkdir()
+    (tmp / "c" / "cluster.json").write_text("{not json")
+    assert_one_line_error(sf("cluster", "status", "--dir", str(tmp / "c")), "is corrupt")
+    (tmp / "c" / "cluster.json").write_text('{"format": 1, "nodes": []}')
+    assert_one_line_error(sf("cluster", "status", "--dir", str(tmp / "c")), "is corrupt")
+
+
+def test_missing_binaries_say_how_to_install(tmp: Path) -> None:
+    env = dict(os.environ, SHARDFLOW_PG_BINDIR=str(tmp / "nothing-here"))
+    assert_one_line_error(sf("cluster", "up", "--dir", str(tmp / "c"), env=env),
+                          "apt-get install postgresql")
+    assert not (tmp / "c").exists()
+
+
+def test_unwritable_data_dir_is_refused(tmp: Path) -> None:
+    blocker = tmp / "file"
+    blocker.write_text("")
+    assert_one_line_error(sf("cluster", "up", "--dir", str(blocker / "c")), "cannot create data dir")
