@@ -62,7 +62,7 @@ class Recorded:
 _MISSING = object()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the engine keeps sets of waiting contexts
 class WorkflowContext:
     engine: Engine
     tenant: str

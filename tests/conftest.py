@@ -92,6 +92,18 @@ class PerTestDB:
     def tenant_conn(self, tenant: str) -> psycopg.Connection[tuple[object, ...]]:
         return self.connect(self.node_of_tenant(tenant))
 
+    def run_all(self, sql: str) -> None:
+        """Run a statement on every node (e.g. a user table for transactional steps)."""
+        for node in self.spec.nodes:
+            with self.connect(node.name) as conn:
+                conn.execute(sql)
+
+    def scalar(self, tenant: str, sql: str, *params: object) -> object:
+        """One value from the tenant's node."""
+        with self.tenant_conn(tenant) as conn:
+            row = conn.execute(sql, params).fetchone()
+            return None if row is None else row[0]
+
     def engine(self, config: EngineConfig = FAST, **kw: object) -> Engine:
         return Engine(dsns=self.dsns, config=config, **kw)  # type: ignore[arg-type]
 

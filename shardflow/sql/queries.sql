@@ -291,7 +291,7 @@ WITH src AS (
         (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, parent_id,
          max_attempts, reason)
     SELECT tenant_id, shard_id, $4, name, queue, priority, inputs, parent_id, max_attempts,
-           'forked from ' || workflow_id || ' at step ' || $5
+           'forked from ' || workflow_id || ' at step ' || $5::int
       FROM shardflow.workflows
      WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
     ON CONFLICT DO NOTHING
@@ -303,7 +303,7 @@ INSERT INTO shardflow.steps
 SELECT s.tenant_id, s.shard_id, src.workflow_id, s.seq, s.name, s.kind, s.status, s.output,
        s.error, s.attempts, s.retries, s.wake_at, s.finished_at
   FROM shardflow.steps s, src
- WHERE s.tenant_id = $1 AND s.workflow_id = $3 AND s.shard_id = $2 AND s.seq < $5
+ WHERE s.tenant_id = $1 AND s.workflow_id = $3 AND s.shard_id = $2 AND s.seq < $5::int
    AND s.status IN ('done', 'error');
 
 -- name: list_workflows
