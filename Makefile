@@ -19,6 +19,8 @@ demo: setup
 
 # the whole test suite on real Postgres processes (a 3-node cluster per test process)
 test: setup
+	$(VENV)/bin/ruff check shardflow tests
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -n 2 -q
 
 lint: setup

@@ -11,6 +11,7 @@ changed under a running workflow: :class:`NonDeterminismError`, never silent cor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from .driver import Q, Node
+from .driver import Node, Q
 from .errors import (
     InvalidArgument,
     NonDeterminismError,
@@ -278,11 +279,9 @@ class WorkflowContext:
                 if remaining > self._cfg.suspend_after:
                     await self.suspend(deadline)
                 self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(),
                                            min(remaining, self._cfg.poll_interval))
-                except TimeoutError:
-                    pass
         finally:
             self.engine.unregister_waiter(self)
 

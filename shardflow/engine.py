@@ -9,6 +9,7 @@ unless ``run_workers=False``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -23,7 +24,7 @@ import psycopg
 from . import clusterfile, context
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
-from .driver import Q, Driver
+from .driver import Driver, Q
 from .errors import (
     InvalidArgument,
     RoutingError,
@@ -254,7 +255,7 @@ class Engine:
         spec: ClusterSpec | None = None
         if self._dsns is None:
             spec = clusterfile.load(self._cluster_file)
-            targets = [(n.name, n.dsn) for n in spec.nodes]
+            targets: list[tuple[str | None, str]] = [(n.name, n.dsn) for n in spec.nodes]
         else:
             targets = [(None, d) for d in self._dsns]
         found: list[tuple[str | None, str, str | None, ShardMap | None]] = []
@@ -286,11 +287,11 @@ class Engine:
             raise RoutingError(f"some nodes are not initialised (no shard map): {missing}")
         shard_map = max(maps, key=lambda m: m.epoch)
         nodes = [NodeSpec(str(f[2]), "", 0, f[1]) for f in found]
-        names = {n.name for n in nodes}
-        missing_nodes = sorted(set(shard_map.placement) - names)
+        given = {n.name for n in nodes}
+        missing_nodes = sorted(set(shard_map.placement) - given)
         if missing_nodes:
             raise RoutingError(f"the shard map places shards on node(s) {missing_nodes}, "
-                               f"but only {sorted(names)} were given")
+                               f"but only {sorted(given)} were given")
         return nodes, shard_map
 
     # -- starting --------------------------------------------------------------------
@@ -452,10 +453,8 @@ class Engine:
                                    f"finish within {timeout}s (status {row['status']})")
             ev = self._done_events.setdefault(key, asyncio.Event())
             wait = delay if deadline is None else min(delay, max(0.0, deadline - loop.time()))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), wait)
-            except TimeoutError:
-                pass
             # local completions wake us at once; other processes are polled with backoff
             delay = min(delay * 1.5, 0.5)
 

@@ -135,7 +135,7 @@ class StepError(ShardflowError):
         self.error = error
 
 
-class WorkflowInterrupt(BaseException):  # noqa: N818 - it is a control-flow signal
+class WorkflowInterrupt(BaseException):
     """Unwinds a workflow coroutine that was cancelled, suspended or fenced off.
 
     A BaseException on purpose: a workflow body's ``except Exception`` must not be

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import context
-from .driver import Q, Node
+from .driver import Node, Q
 from .errors import (
     NonDeterminismError,
     RetryableDatabaseError,

@@ -153,10 +153,10 @@ class NodeStatus:
     schema_version: int | None = None
 
 
-def _as_postgres() -> dict[str, object]:
-    """subprocess keyword arguments that drop root to the postgres user."""
+def _postgres_ids() -> tuple[int, int] | None:
+    """(uid, gid) of the postgres OS user when we run as root, else None."""
     if os.geteuid() != 0:
-        return {}
+        return None
     try:
         pw = pwd.getpwnam("postgres")
     except KeyError:
@@ -164,7 +164,17 @@ def _as_postgres() -> dict[str, object]:
             "running as root, but there is no 'postgres' OS user to run the servers as; "
             "on Debian: apt-get install postgresql (it creates the user)"
         ) from None
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    return pw.pw_uid, pw.pw_gid
+
+
+def run_as_postgres(args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command, dropping root to the postgres user (Postgres refuses root)."""
+    ids = _postgres_ids()
+    if ids is None:
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          check=False, user=ids[0], group=ids[1], extra_groups=[])
 
 
 class LocalCluster:
@@ -181,20 +191,13 @@ class LocalCluster:
 
     def _run(self, args: Sequence[str], *, what: str, timeout: float = 120) -> str:
         try:
-            out = subprocess.run(
-                list(args),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                **_as_postgres(),  # type: ignore[arg-type]
-            )
+            out = run_as_postgres(args, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"{what} timed out after {timeout:.0f}s") from exc
         if out.returncode != 0:
             detail = (out.stderr or out.stdout).strip().splitlines()
             raise ClusterError(f"{what} failed: {detail[-1] if detail else out.returncode}")
-        return out.stdout
+        return str(out.stdout)
 
     def _prepare_dir(self) -> bool:
         """Create or check the cluster directory; return True when it was created now."""
@@ -223,9 +226,7 @@ class LocalCluster:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
             os.chmod(self.dir, 0o755)
-            probe = subprocess.run(
-                ["test", "-w", str(self.dir)], check=False, **_as_postgres()  # type: ignore[call-overload]
-            )
+            probe = run_as_postgres(["test", "-w", str(self.dir)], timeout=10)
             if probe.returncode != 0:
                 raise ClusterError(
                     f"data dir {self.dir} is not reachable by the postgres user "
@@ -273,9 +274,10 @@ class LocalCluster:
 
     def _start_node(self, bins: PgBinaries, name: str) -> None:
         pgdata = self._pgdata(name)
+        logfile = self.node_dir(name) / "postgres.log"
         self._run(
-            [bins.tool("pg_ctl"), "-D", str(pgdata), "-l", str(self.node_dir(name) / "postgres.log"),
-             "-w", "-t", "60", "start"],
+            [bins.tool("pg_ctl"), "-D", str(pgdata), "-l", str(logfile), "-w", "-t", "60",
+             "start"],
             what=f"starting node {name} (log: {self.node_dir(name) / 'postgres.log'})",
         )
 

@@ -77,7 +77,7 @@ def current_version(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     row = conn.execute(
         "SELECT coalesce(max(version), 0) FROM shardflow.schema_migrations"
     ).fetchone()
-    return int(row[0]) if row else 0
+    return int(str(row[0])) if row else 0
 
 
 def init_node(
@@ -125,4 +125,5 @@ def read_shard_map(conn: psycopg.Connection[tuple[object, ...]]) -> ShardMap:
     ).fetchall()
     if not rows:
         raise RoutingError("the node holds no shard map: was it initialised?")
-    return ShardMap(len(rows), tuple(r[1] for r in rows), max(int(r[2]) for r in rows))
+    return ShardMap(len(rows), tuple(str(r[1]) for r in rows),
+                    max(int(str(r[2])) for r in rows))
