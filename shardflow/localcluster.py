@@ -195,8 +195,11 @@ class LocalCluster:
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"{what} timed out after {timeout:.0f}s") from exc
         if out.returncode != 0:
-            detail = (out.stderr or out.stdout).strip().splitlines()
-            raise ClusterError(f"{what} failed: {detail[-1] if detail else out.returncode}")
+            lines = (out.stderr or out.stdout).strip().splitlines()
+            # the first line that says what went wrong beats initdb's "removing data dir"
+            errs = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+            detail = (errs or lines or [f"exit code {out.returncode}"])[0]
+            raise ClusterError(f"{what} failed: {detail.strip()}")
         return str(out.stdout)
 
     def _prepare_dir(self) -> bool:

@@ -230,3 +230,35 @@ def test_worker_cli_bad_target_is_one_line() -> None:
     assert len(out.stderr.strip().splitlines()) == 1
     assert os.environ.get("SHARDFLOW_TEST_BLOCK") is None
     assert shardflow.__version__
+
+
+async def test_worker_processes_stop_gracefully_on_sigterm(db: PerTestDB, workers: Workers) -> None:
+    """`shardflow worker --processes 2` runs two workers; SIGTERM stops both and hands
+    their workflows back at once (no lease wait), deleting their lease rows."""
+    env = db.env()
+    env["SHARDFLOW_TEST_BLOCK"] = "1"
+    env["SHARDFLOW_TEST_MARKER_DIR"] = str(workers.markers)
+    parent = subprocess.Popen([sys.executable, "-m", "shardflow.cli", "worker",
+                               "tests.flows:engine", "--processes", "2"], env=env,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        ids = [(f"g{i}", f"g{i}") for i in range(6)]
+        async with make_engine(db.dsns, run_workers=False) as client:
+            for tenant, wf in ids:
+                await client.start("crashy", 3, tenant=tenant, workflow_id=wf)
+            await wait_for(lambda: all((workers.markers / f"{wf}.x").exists() for _, wf in ids),
+                           what="workflows to start running")
+            owners = {(await client.get_info(t, wf))["owner"] for t, wf in ids}
+            assert len({o.rsplit(":", 2)[1] for o in owners}) == 2  # two processes ran them
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(timeout=30) == 0
+            for tenant, wf in ids:
+                info = await client.get_info(tenant, wf)
+                assert (info["status"], info["owner"]) == ("pending", None)
+        for node in db.spec.nodes:
+            with db.connect(node.name) as conn:
+                row = conn.execute("SELECT count(*) FROM shardflow.workers").fetchone()
+                assert row is not None and row[0] == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -481,3 +481,28 @@ async def test_list_workflows_fans_out_to_all_nodes(db: PerTestDB) -> None:
         only = await eng.list_workflows(tenant="tenant-3")
         assert [r["tenant_id"] for r in only] == ["tenant-3"]
     assert json.dumps([r["workflow_id"] for r in rows])
+
+
+async def test_recv_timeout_survives_restart(db: PerTestDB) -> None:
+    """The recv deadline is recorded: after a restart the wait ends at the original
+    deadline, not a full timeout later."""
+    def build() -> Any:
+        eng = db.engine()
+
+        @eng.workflow(name="patient")
+        async def patient() -> Any:
+            return await shardflow.recv("never", timeout=2.0)
+
+        return eng
+
+    loop = asyncio.get_running_loop()
+    async with build() as eng:
+        await eng.start("patient", tenant="acme", workflow_id="rt")
+        await asyncio.sleep(0.5)
+    t0 = loop.time()
+    async with build() as eng2:
+        assert await (await eng2.get("acme", "rt")).result(timeout=30) is None
+        steps = await eng2.steps("acme", "rt")
+    assert loop.time() - t0 < 2.0
+    assert [(s["kind"], s["status"], s["output"]["message"]) for s in steps] == [
+        ("recv", "done", None)]
