@@ -28,6 +28,19 @@ class EngineConfig:
     claim_batch: int = 64
     """Most workflows claimed from one node in one query. Defaults to 64."""
 
+    per_tenant_batch: int = 8
+    """Most workflows of one tenant taken by one claim: claims visit tenants in turn, so
+    a tenant with a huge backlog cannot starve one with a single workflow. Defaults
+    to 8."""
+
+    tenant_concurrency: int | None = None
+    """Most workflows of one tenant running at once on one shard owner (None: no
+    limit). Defaults to None."""
+
+    notify: bool = True
+    """Send NOTIFY on start so the shard's owner claims at once instead of at its next
+    poll. Turn off behind a transaction-pooling PgBouncer. Defaults to True."""
+
     max_concurrency: int = 512
     """Most workflows one worker process runs at once. Defaults to 512."""
 
@@ -64,7 +77,7 @@ class EngineConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, int | float) and value <= 0:
                 raise ConfigError(f"EngineConfig.{f.name} must be > 0, got {value!r}")

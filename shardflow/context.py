@@ -380,6 +380,7 @@ class WorkflowContext:
                 await conn.fetchrow(
                     Q["insert_workflow"], self.tenant, self.shard, child_id, name, queue,
                     priority, inputs, self.workflow_id, self._cfg.max_attempts, timeout, 0.0,
+                    self._cfg.notify,
                 )
                 try:
                     ok = await conn.fetchrow(

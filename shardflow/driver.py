@@ -161,14 +161,15 @@ class Driver:
     async def insert_workflow(self, *, tenant: str, shard: int, workflow_id: str, name: str,
                               queue: str, priority: int, inputs: str, parent_id: str | None,
                               max_attempts: int, timeout: float | None,
-                              delay: float) -> bool:
+                              delay: float, notify: bool) -> bool:
         """Insert a workflow row; False when (tenant, id) already existed."""
         row = await self.row_on_shard(
             shard, "insert_workflow", tenant, shard, workflow_id, name, queue, priority,
-            inputs, parent_id, max_attempts, timeout, delay,
+            inputs, parent_id, max_attempts, timeout, delay, notify,
         )
         return row is not None
 
     async def claim(self, node: Node, shards: list[int], names: list[str], worker_id: str,
-                    limit: int) -> list[Record]:
-        return await self.fetch(node, "claim_workflows", shards, names, worker_id, limit)
+                    limit: int, per_tenant: int, tenant_cap: int) -> list[Record]:
+        return await self.fetch(node, "claim_workflows", shards, names, worker_id, limit,
+                                per_tenant, tenant_cap)

@@ -356,7 +356,7 @@ class Engine:
             tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name, queue=q,
             priority=priority, inputs=inputs, parent_id=None,
             max_attempts=reg.max_attempts or self.config.max_attempts, timeout=timeout,
-            delay=float(delay),
+            delay=float(delay), notify=self.config.notify,
         )
         if not inserted:
             info = await self.get_info(tenant_id, wf_id)

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import psycopg
 
 from . import context
@@ -32,6 +33,7 @@ from .errors import (
     ShardflowError,
     WorkflowInterrupt,
 )
+from .ownership import ShardOwnership
 from .serde import dumps, error_payload, loads
 
 if TYPE_CHECKING:
@@ -61,6 +63,8 @@ class Worker:
         self._last_heartbeat: dict[str, float] = {}
         self._loop_tick = time.monotonic()
         self._beat: _HeartbeatThread | None = None
+        self.ownership = ShardOwnership(engine.driver, engine.shard_map, self.worker_id)
+        self._listeners: dict[str, asyncpg.Connection] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -71,6 +75,10 @@ class Worker:
         await asyncio.gather(*(self._heartbeat(n) for n in driver.nodes.values()))
         for node in driver.nodes.values():
             self._wake[node.name] = asyncio.Event()
+        await self.ownership.rebalance()
+        if self.cfg.notify:
+            await self._listen()
+        for node in driver.nodes.values():
             self._tasks.append(asyncio.create_task(self._claim_loop(node),
                                                    name=f"claim:{node.name}"))
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="tick"))
@@ -78,6 +86,7 @@ class Worker:
         self._beat = _HeartbeatThread(self)
         self._beat.start()
         self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
+        self._tasks.append(asyncio.create_task(self._ownership_loop(), name="ownership"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -90,7 +99,12 @@ class Worker:
         for t in runs:
             t.cancel()
         await asyncio.gather(*self._tasks, *runs, return_exceptions=True)
-        # Hand our workflows back at once rather than after the lease expires.
+        for conn in self._listeners.values():
+            with contextlib.suppress(Exception):
+                await conn.close()
+        # Hand our shards and workflows back at once rather than after the lease expires.
+        with contextlib.suppress(ShardflowError):
+            await self.ownership.release_all()
         for node in self.engine.driver.nodes.values():
             with contextlib.suppress(ShardflowError):
                 await self.engine.driver.execute(node, "release_worker", self.worker_id)
@@ -110,12 +124,44 @@ class Worker:
     # -- loops -----------------------------------------------------------------------
 
     def _shards(self, node: Node) -> list[int]:
-        return self.engine.shard_map.shards_of(node.name)
+        return self.ownership.shards(node)
+
+    async def _listen(self) -> None:
+        """LISTEN on every node so a start wakes the owner of its shard at once."""
+        for node in self.engine.driver.nodes.values():
+            conn = self._listeners.get(node.name)
+            if conn is not None and not conn.is_closed():
+                continue
+            try:
+                conn = await asyncpg.connect(node.spec.dsn)
+                await conn.add_listener("shardflow_work", self._on_notify(node))
+                self._listeners[node.name] = conn
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("LISTEN on node %s failed (polling meanwhile): %s", node.name, exc)
+
+    def _on_notify(self, node: Node) -> Any:
+        def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            with contextlib.suppress(ValueError):
+                if int(payload) in self.ownership.owned.get(node.name, ()):
+                    self._wake[node.name].set()
+
+        return callback
+
+    async def _ownership_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.recovery_interval)
+            try:
+                if await self.ownership.rebalance():
+                    self.wake()
+            except ShardflowError as exc:
+                log.warning("shard rebalance failed: %s", exc)
+            if self.cfg.notify:
+                await self._listen()
 
     async def _claim_loop(self, node: Node) -> None:
         names = self.engine.workflow_names
-        shards = self._shards(node)
         wake = self._wake[node.name]
+        cap = self.cfg.tenant_concurrency or 0
         while not self._stopping:
             free = self.cfg.max_concurrency - len(self.running)
             if free <= 0:
@@ -123,8 +169,11 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             limit = min(free, self.cfg.claim_batch)
+            shards = self._shards(node)
             try:
-                rows = await self.engine.driver.claim(node, shards, names, self.worker_id, limit)
+                rows = (await self.engine.driver.claim(
+                    node, shards, names, self.worker_id, limit, self.cfg.per_tenant_batch, cap)
+                    if shards else [])
             except ShardflowError as exc:
                 log.warning("claim on node %s failed: %s", node.name, exc)
                 rows = []
@@ -189,6 +238,8 @@ class Worker:
             await asyncio.sleep(self.cfg.recovery_interval)
             ticks += 1
             for node in self.engine.driver.nodes.values():
+                if not self._shards(node):
+                    continue
                 try:
                     rows = await self.engine.driver.fetch(node, "recover_orphans",
                                                           self._shards(node))

@@ -7,7 +7,8 @@
 
 -- name: insert_workflow
 -- $1 tenant, $2 shard, $3 id, $4 name, $5 queue, $6 priority, $7 inputs, $8 parent,
--- $9 max_attempts, $10 timeout seconds (null = none), $11 delay seconds
+-- $9 max_attempts, $10 timeout seconds (null = none), $11 delay seconds, $12 notify
+WITH ins AS (
 INSERT INTO shardflow.workflows
     (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, parent_id,
      max_attempts, deadline_at, ready_at)
@@ -16,7 +17,13 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9,
              ELSE now() + make_interval(secs => $10::float8) END,
         now() + make_interval(secs => $11::float8))
 ON CONFLICT (tenant_id, workflow_id, shard_id) DO NOTHING
-RETURNING workflow_id;
+RETURNING workflow_id
+)
+-- wake the shard's owner at once (LISTEN shardflow_work); polling is the fallback
+SELECT workflow_id,
+       CASE WHEN $12::bool AND $11::float8 = 0
+            THEN pg_notify('shardflow_work', $2::text) END AS notified
+  FROM ins;
 
 -- name: get_workflow
 SELECT tenant_id, shard_id, workflow_id, name, queue, priority, status, inputs, output, error,
@@ -31,23 +38,46 @@ SELECT status, output, error
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2;
 
 -- name: claim_workflows
--- $1 shards, $2 workflow names this worker runs, $3 worker id, $4 batch size
-WITH picked AS (
-    SELECT tenant_id, workflow_id, shard_id
-      FROM shardflow.workflows
-     WHERE status = 'pending' AND ready_at <= now()
-       AND shard_id = ANY($1::int[]) AND name = ANY($2::text[])
-     ORDER BY priority DESC, ready_at
-     LIMIT $4
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE shardflow.workflows w
-   SET status = 'running', owner = $3, fence = w.fence + 1, attempts = w.attempts + 1,
-       started_at = coalesce(w.started_at, now()), updated_at = now(), reason = NULL
-  FROM picked p
- WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id AND w.shard_id = p.shard_id
-RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence, w.attempts,
-          w.max_attempts, extract(epoch FROM w.deadline_at - now())::float8 AS remaining;
+-- $1 shards, $2 workflow names this worker runs, $3 worker id, $4 batch size,
+-- $5 most per tenant per call, $6 per-tenant running cap (0 = none). See claim_fair.
+SELECT * FROM shardflow.claim_fair($1::int[], $2::text[], $3, $4, $5, $6);
+
+-- name: live_workers
+SELECT worker_id FROM shardflow.workers WHERE lease_expires_at > now() ORDER BY worker_id;
+
+-- name: owned_shards
+SELECT shard_id FROM shardflow.shard_leases WHERE owner = $1;
+
+-- name: free_shards
+-- Of this node's shards $1, up to $2 that no live worker owns.
+SELECT s AS shard_id FROM unnest($1::int[]) AS s
+ WHERE NOT EXISTS (SELECT 1 FROM shardflow.shard_leases l
+                     JOIN shardflow.workers k ON k.worker_id = l.owner
+                    WHERE l.shard_id = s AND k.lease_expires_at > now())
+ ORDER BY s
+ LIMIT $2;
+
+-- name: acquire_shards
+-- Take shards $1 for worker $2 unless a live worker owns them; two workers racing for
+-- a shard serialise on its row and the second sees the first as a live owner.
+INSERT INTO shardflow.shard_leases AS l (shard_id, owner, epoch, acquired_at)
+SELECT s, $2, 1, now() FROM unnest($1::int[]) AS s
+ON CONFLICT (shard_id) DO UPDATE
+   SET owner = excluded.owner, epoch = l.epoch + 1, acquired_at = now()
+ WHERE l.owner IS DISTINCT FROM excluded.owner
+   AND NOT EXISTS (SELECT 1 FROM shardflow.workers k
+                    WHERE k.worker_id = l.owner AND k.lease_expires_at > now())
+RETURNING shard_id;
+
+-- name: release_shards
+UPDATE shardflow.shard_leases SET owner = NULL WHERE owner = $2 AND shard_id = ANY($1::int[]);
+
+-- name: shard_owners
+SELECT l.shard_id, l.owner, l.epoch, l.acquired_at,
+       EXISTS (SELECT 1 FROM shardflow.workers k
+                WHERE k.worker_id = l.owner AND k.lease_expires_at > now()) AS live
+  FROM shardflow.shard_leases l
+ ORDER BY l.shard_id;
 
 -- name: recover_orphans
 -- Running workflows whose owner's lease on this node expired go back to pending.

@@ -1,4 +1,67 @@
 CREATE SCHEMA shardflow;
+CREATE FUNCTION shardflow.claim_fair(p_shards integer[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer, p_tenant_cap integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    s int;
+    t text;
+    start_key text := md5(random()::text);
+    wrapped boolean;
+    got int := 0;
+    take int;
+    n int;
+BEGIN
+    FOREACH s IN ARRAY p_shards LOOP
+        EXIT WHEN got >= p_limit;
+        t := start_key;
+        wrapped := false;
+        LOOP
+            EXIT WHEN got >= p_limit;
+            SELECT w.tenant_id INTO t FROM shardflow.workflows w
+             WHERE w.shard_id = s AND w.status = 'pending' AND w.tenant_id > t
+             ORDER BY w.tenant_id LIMIT 1;
+            IF NOT FOUND THEN
+                EXIT WHEN wrapped;
+                -- wrap around to the tenants before the random starting point
+                wrapped := true;
+                t := '';
+                CONTINUE;
+            END IF;
+            EXIT WHEN wrapped AND t > start_key;
+            take := least(p_per_tenant, p_limit - got);
+            IF p_tenant_cap > 0 THEN
+                SELECT count(*) INTO n FROM shardflow.workflows w
+                 WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'running';
+                take := least(take, p_tenant_cap - n);
+            END IF;
+            CONTINUE WHEN take <= 0;
+            RETURN QUERY
+            WITH picked AS (
+                SELECT w.tenant_id, w.workflow_id, w.shard_id
+                  FROM shardflow.workflows w
+                 WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'pending'
+                   AND w.ready_at <= now() AND w.name = ANY(p_names)
+                 ORDER BY w.priority DESC, w.ready_at
+                 LIMIT take
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE shardflow.workflows w
+               SET status = 'running', owner = p_worker, fence = w.fence + 1,
+                   attempts = w.attempts + 1, started_at = coalesce(w.started_at, now()),
+                   updated_at = now(), reason = NULL
+              FROM picked p
+             WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
+               AND w.shard_id = p.shard_id
+            RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
+                      w.attempts, w.max_attempts,
+                      extract(epoch FROM w.deadline_at - now())::float8;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            got := got + n;
+        END LOOP;
+    END LOOP;
+END
+$$;
 CREATE FUNCTION shardflow.drop_shard(p_shard integer) RETURNS void
     LANGUAGE plpgsql
     AS $$
@@ -68,6 +131,12 @@ CREATE TABLE shardflow.node_info (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT node_info_shard_count_check CHECK ((shard_count > 0)),
     CONSTRAINT node_info_singleton_check CHECK (singleton)
+);
+CREATE TABLE shardflow.shard_leases (
+    shard_id integer NOT NULL,
+    owner text,
+    epoch bigint DEFAULT 0 NOT NULL,
+    acquired_at timestamp with time zone
 );
 CREATE TABLE shardflow.shard_map (
     shard_id integer NOT NULL,
@@ -155,6 +224,8 @@ ALTER TABLE ONLY shardflow.messages
     ADD CONSTRAINT messages_pkey PRIMARY KEY (tenant_id, workflow_id, topic, msg_id, shard_id);
 ALTER TABLE ONLY shardflow.node_info
     ADD CONSTRAINT node_info_pkey PRIMARY KEY (singleton);
+ALTER TABLE ONLY shardflow.shard_leases
+    ADD CONSTRAINT shard_leases_pkey PRIMARY KEY (shard_id);
 ALTER TABLE ONLY shardflow.shard_map
     ADD CONSTRAINT shard_map_pkey PRIMARY KEY (shard_id);
 ALTER TABLE ONLY shardflow.sharded_tables
@@ -168,5 +239,6 @@ ALTER TABLE ONLY shardflow.workflows
 CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
-CREATE INDEX workflows_pending_idx ON ONLY shardflow.workflows USING btree (priority DESC, ready_at) WHERE (status = 'pending'::text);
+CREATE INDEX workflows_pending_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);
+CREATE INDEX workflows_running_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id) WHERE (status = 'running'::text);
