@@ -25,6 +25,8 @@ from shardflow.clusterfile import ClusterSpec
 from shardflow.localcluster import LocalCluster
 from shardflow.migrate import init_node, migrate
 
+from .flows import EFFECTS_DDL
+
 TEST_SHARDS = 16
 TEMPLATE = "sf_template"
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,7 @@ def cluster() -> Iterator[ClusterSpec]:
                                  autocommit=True) as conn:
                 migrate(conn)
                 init_node(conn, node.name, spec.shard_map)
+                conn.execute(EFFECTS_DDL)  # the user table of the test workflows
         yield spec
     finally:
         lc.down(purge=True)
