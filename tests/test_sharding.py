@@ -7,6 +7,7 @@ import dataclasses
 import signal
 import time
 from collections import Counter
+
 import pytest
 
 from shardflow.ownership import target_share
