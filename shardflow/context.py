@@ -25,6 +25,7 @@ from .driver import Node, Q
 from .errors import (
     InvalidArgument,
     NonDeterminismError,
+    RetryableDatabaseError,
     ShardflowError,
     StepError,
     WorkflowInterrupt,
@@ -112,10 +113,19 @@ class WorkflowContext:
     def _dump(self, value: Any, what: str) -> str:
         return dumps(value, what=what, max_bytes=self._cfg.max_payload_bytes)
 
+    async def _write(self, query: str, *args: Any) -> Any:
+        """A checkpoint write. If the database refuses it (the shard moved away, the node
+        is gone), the workflow is interrupted, not failed: user code cannot catch that,
+        and the workflow resumes from its checkpoints wherever it lives now."""
+        try:
+            return await self.engine.driver.fetchrow(self.node, query, *args)
+        except ShardflowError as exc:
+            raise WorkflowInterrupt(f"checkpoint write {query} failed: {exc}") from exc
+
     async def _finish_step(self, seq: int, name: str, kind: str, status: str,
                            output: str | None, error: str | None, retries: int = 0) -> None:
-        row = await self.engine.driver.fetchrow(
-            self.node, "step_finished", self.tenant, self.shard, self.workflow_id,
+        row = await self._write(
+            "step_finished", self.tenant, self.shard, self.workflow_id,
             self.fence, seq, name, kind, status, output, error, retries,
         )
         if row is None:
@@ -135,9 +145,8 @@ class WorkflowContext:
             raise StepError(name, loads(rec.error))
         # Record the attempt before running: after a crash the next run increments
         # attempts, so every re-run of an external side effect is counted.
-        started = await self.engine.driver.fetchrow(
-            self.node, "step_started", self.tenant, self.shard, self.workflow_id,
-            self.fence, seq, name,
+        started = await self._write(
+            "step_started", self.tenant, self.shard, self.workflow_id, self.fence, seq, name,
         )
         if started is None:
             raise self._fenced_out(f"start of step {name!r}")
@@ -166,7 +175,7 @@ class WorkflowContext:
         seq, rec = self._next(name, "transaction")
         if rec is not None:
             return self._replay(rec)
-        attempt = 0
+        attempt = transient = 0
         while True:
             try:
                 async with self.engine.driver.transaction(self.node) as conn:
@@ -183,6 +192,11 @@ class WorkflowContext:
                         )
                     except asyncpg.UniqueViolationError:
                         raise _AlreadyRecorded() from None
+                    except asyncpg.PostgresError as exc:
+                        # the checkpoint itself was refused (e.g. the shard moved away):
+                        # not the step's fault; the rollback undoes the user's writes
+                        raise WorkflowInterrupt(f"checkpoint of {name!r} refused: {exc}"
+                                                ) from exc
                     if ok is None:
                         raise self._fenced_out(f"checkpoint of transaction {name!r}")
                 return json.loads(out)
@@ -190,6 +204,14 @@ class WorkflowContext:
                 return await self._reload(seq)
             except WorkflowInterrupt:
                 raise
+            except RetryableDatabaseError as exc:
+                # a deadlock victim, a serialization failure, a dropped connection: not
+                # the step's fault, and retrying is safe (the checkpoint insert makes the
+                # step exactly once). Bounded, then the workflow is left to recovery.
+                transient += 1
+                if transient > 10:
+                    raise WorkflowInterrupt(f"transaction {name!r}: {exc}") from exc
+                await asyncio.sleep(self._backoff(transient))
             except Exception as exc:
                 if isinstance(exc, InvalidArgument) or attempt >= retries:
                     payload = error_payload(exc)
@@ -332,6 +354,11 @@ class WorkflowContext:
         payload = self._dump(value, f"value of event {key!r}")
         try:
             async with self.engine.driver.transaction(self.node) as conn:
+                # the workflow row first, like every worker transaction: a shard move
+                # locks the shard's tables in the same order and cannot deadlock with us
+                if await conn.fetchrow(Q["lock_fence"], self.tenant, self.shard,
+                                       self.workflow_id, self.fence) is None:
+                    raise self._fenced_out(f"set_event {key!r}")
                 await conn.execute(Q["set_event"], self.tenant, self.shard,
                                    self.workflow_id, key, payload)
                 try:

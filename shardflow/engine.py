@@ -26,8 +26,10 @@ from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
 from .driver import Driver, Q
 from .errors import (
+    DatabaseError,
     InvalidArgument,
     RoutingError,
+    ShardflowError,
     UnknownWorkflowName,
     WorkflowCancelled,
     WorkflowFailed,
@@ -294,6 +296,46 @@ class Engine:
                                f"but only {sorted(given)} were given")
         return nodes, shard_map
 
+    async def refresh_shard_map(self) -> bool:
+        """Re-read the shard map from every node and adopt the newest (highest epoch);
+        True when it changed. Called after a shard move is noticed (a refused write, a
+        row not found) and periodically by workers."""
+        best: ShardMap | None = None
+        for node in list(self.driver.nodes.values()):
+            try:
+                # cheap check first: the full map only when a node has a newer one
+                row = await self.driver.fetchrow(node, "shard_map_epoch")
+                if row is None or int(row["epoch"]) <= self.shard_map.epoch:
+                    continue
+                rows = await self.driver.fetch(node, "read_shard_map")
+            except ShardflowError:
+                continue
+            if not rows:
+                continue
+            m = ShardMap(len(rows), tuple(r["node"] for r in rows),
+                         max(int(r["epoch"]) for r in rows))
+            if best is None or m.epoch > best.epoch:
+                best = m
+        if best is None or best.epoch <= self.shard_map.epoch:
+            return False
+        self.shard_map = best
+        self.driver.shard_map = best
+        if self._worker is not None:
+            self._worker.ownership.shard_map = best
+        return True
+
+    async def tenant_row(self, tenant: str, query: str, *args: Any) -> Any:
+        """One row of ``query`` ($1 tenant, $2 shard, ...) from the tenant's node. No row
+        may mean the shard just moved: re-read the map and ask the new node."""
+        shard = self._route(tenant)
+        node = self.driver.node_for_shard(shard)
+        row = await self.driver.fetchrow(node, query, tenant, shard, *args)
+        if row is None:
+            await self.refresh_shard_map()
+            if self.driver.node_for_shard(shard) is not node:
+                row = await self.tenant_row(tenant, query, *args)
+        return row
+
     # -- starting --------------------------------------------------------------------
 
     def _resolve(self, workflow: Callable[..., Any] | str) -> _Registered:
@@ -352,12 +394,22 @@ class Engine:
             return WorkflowHandle(self, tenant_id, child_id)
         wf_id = workflow_id or str(uuid.uuid4())
         shard = self.shard_map.shard(tenant_id)
-        inserted = await self.driver.insert_workflow(
-            tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name, queue=q,
-            priority=priority, inputs=inputs, parent_id=None,
-            max_attempts=reg.max_attempts or self.config.max_attempts, timeout=timeout,
-            delay=float(delay), notify=self.config.notify,
-        )
+        for attempt in (1, 2):
+            routed = self.driver.node_for_shard(shard)
+            try:
+                inserted = await self.driver.insert_workflow(
+                    tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name, queue=q,
+                    priority=priority, inputs=inputs, parent_id=None,
+                    max_attempts=reg.max_attempts or self.config.max_attempts,
+                    timeout=timeout, delay=float(delay), notify=self.config.notify,
+                )
+                break
+            except DatabaseError:
+                # the shard may have moved: a stale map's write is refused by the old
+                # node. The insert is idempotent, so retrying on the new node is safe.
+                await self.refresh_shard_map()
+                if attempt == 2 or self.driver.node_for_shard(shard) is routed:
+                    raise
         if not inserted:
             info = await self.get_info(tenant_id, wf_id)
             if info["name"] != reg.name:
@@ -385,9 +437,9 @@ class Engine:
 
     async def get_info(self, tenant: str, workflow_id: str) -> dict[str, Any]:
         self._require_open()
-        shard = self._route(tenant)
+        self._route(tenant)
         _validate_id(workflow_id, "workflow_id")
-        row = await self.driver.row_on_shard(shard, "get_workflow", tenant, shard, workflow_id)
+        row = await self.tenant_row(tenant, "get_workflow", workflow_id)
         if row is None:
             raise WorkflowNotFound(tenant, workflow_id)
         info = dict(row)
@@ -436,13 +488,12 @@ class Engine:
                             timeout: float | None) -> dict[str, Any]:
         """Poll (or be woken locally) until the workflow ends; its status/output/error."""
         self._require_open()
-        shard = self._route(tenant)
         key = (tenant, workflow_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         delay = 0.01
         while True:
-            row = await self.driver.row_on_shard(shard, "get_status", tenant, shard, workflow_id)
+            row = await self.tenant_row(tenant, "get_status", workflow_id)
             if row is None:
                 raise WorkflowNotFound(tenant, workflow_id)
             if row["status"] in TERMINAL:

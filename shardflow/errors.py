@@ -167,7 +167,8 @@ def translate(exc: BaseException, *, context: str = "") -> ShardflowError:
     prefix = f"{context}: " if context else ""
     msg = f"{prefix}{exc}"
     err: ShardflowError
-    if sqlstate == "23514" and "no partition of relation" in str(exc):
+    if sqlstate == "23514" and ("no partition of relation" in str(exc)
+                                or "_moved_away" in str(exc)):
         err = MisroutedWrite(msg, sqlstate=sqlstate)
     elif is_retryable_sqlstate(sqlstate) or isinstance(exc, (ConnectionError, OSError)):
         err = RetryableDatabaseError(msg, sqlstate=sqlstate)

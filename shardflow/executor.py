@@ -151,6 +151,8 @@ class Worker:
         while True:
             await asyncio.sleep(self.cfg.recovery_interval)
             try:
+                if await self.engine.refresh_shard_map():
+                    log.info("shard map changed (epoch %d)", self.engine.shard_map.epoch)
                 if await self.ownership.rebalance():
                     self.wake()
             except ShardflowError as exc:

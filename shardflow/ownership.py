@@ -64,7 +64,13 @@ class ShardOwnership:
         for node in nodes:
             try:
                 rows = await self.driver.fetch(node, "owned_shards", self.worker_id)
-                self.owned[node.name] = {r["shard_id"] for r in rows}
+                held = {r["shard_id"] for r in rows}
+                here = set(self.shard_map.shards_of(node.name))
+                if held - here:
+                    # leases for shards that moved away (taken with a stale map): let go
+                    await self.driver.execute(node, "release_shards", sorted(held - here),
+                                              self.worker_id)
+                self.owned[node.name] = held & here
             except ShardflowError as exc:
                 log.warning("reading shard leases on node %s failed: %s", node.name, exc)
         self.members = await self._members()
@@ -76,7 +82,11 @@ class ShardOwnership:
             await self._release(total - target)
         elif total < target:
             await self._acquire(target - total, nodes)
-        return self.owned != before
+        changed = self.owned != before
+        if changed:
+            log.info("worker %s owns %d shards (target %d of %d, %d workers)", self.worker_id,
+                     self.all_owned(), target, self.shard_map.shard_count, len(self.members))
+        return changed
 
     async def _release(self, extra: int) -> None:
         while extra > 0:

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from shardflow import Engine, EngineConfig
-from shardflow.clusterfile import ClusterSpec
+from shardflow.clusterfile import ClusterSpec, NodeSpec
 from shardflow.localcluster import LocalCluster
 from shardflow.migrate import init_node, migrate
 
@@ -94,6 +94,14 @@ class PerTestDB:
 
     def tenant_conn(self, tenant: str) -> psycopg.Connection[tuple[object, ...]]:
         return self.connect(self.node_of_tenant(tenant))
+
+    def cluster_spec(self) -> ClusterSpec:
+        """A cluster spec whose DSNs point at this test's databases."""
+        return ClusterSpec(
+            nodes=tuple(NodeSpec(n.name, n.host, n.port, self.dsn_of(n.name))
+                        for n in self.spec.nodes),
+            shard_map=self.spec.shard_map,
+        )
 
     def run_all(self, sql: str) -> None:
         """Run a statement on every node (e.g. a user table for transactional steps)."""

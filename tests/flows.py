@@ -66,6 +66,18 @@ def make_engine(dsns: list[str] | None = None, **kw: Any) -> Engine:
         c = await record("after")
         return [a, b, c, n]
 
+    @eng.step(name="nap")
+    async def nap(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    @eng.workflow(name="steady")
+    async def steady(n: int) -> int:
+        for i in range(3):
+            await record(f"s{i}")
+            await nap(0.05)
+        return n
+
     @eng.workflow(name="quick")
     async def quick(x: int) -> int:
         await record("q")

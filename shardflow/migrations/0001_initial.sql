@@ -161,6 +161,13 @@ DECLARE
 BEGIN
     FOR t IN SELECT table_name, storage FROM shardflow.sharded_tables ORDER BY table_name LOOP
         part := format('%s_s%s', t.table_name, p_shard);
+        -- a shard moving back finds its old, emptied partition refusing rows: drop it
+        IF to_regclass(format('shardflow.%I', part)) IS NOT NULL AND EXISTS (
+               SELECT 1 FROM pg_constraint
+                WHERE conname = part || '_moved_away'
+                  AND conrelid = to_regclass(format('shardflow.%I', part))) THEN
+            EXECUTE format('DROP TABLE shardflow.%I', part);
+        END IF;
         IF to_regclass(format('shardflow.%I', part)) IS NULL THEN
             EXECUTE format(
                 'CREATE TABLE shardflow.%I PARTITION OF shardflow.%I FOR VALUES IN (%s) %s',

@@ -353,3 +353,9 @@ SELECT seq, name, kind, status, output, error, attempts, retries, created_at, fi
   FROM shardflow.steps
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
  ORDER BY seq;
+
+-- name: read_shard_map
+SELECT shard_id, node, epoch FROM shardflow.shard_map ORDER BY shard_id;
+
+-- name: shard_map_epoch
+SELECT coalesce(max(epoch), 0) AS epoch FROM shardflow.shard_map;
