@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--shards", type=int, default=256, help="logical shards (default 256)")
     up.add_argument("--port", type=int, default=None, help="first port (default: free ports)")
     up.add_argument("--dir", type=Path, default=None, help="data directory (default .shardflow)")
+    up.add_argument("--citus", action="store_true",
+                    help="a Citus cluster: a coordinator and --nodes workers (default 2)")
     st = clsub.add_parser("status", help="nodes, roles, ports, pids, shards")
     st.add_argument("--dir", type=Path, default=None)
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -135,7 +137,7 @@ def _cluster(args: argparse.Namespace) -> int:
     lc = LocalCluster(directory, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
     if args.cluster_command == "up":
         spec = lc.up(args.nodes, replicas=args.replicas, shard_count=args.shards,
-                     base_port=args.port)
+                     base_port=args.port, citus=args.citus)
         console.print(
             f"cluster up: {len(spec.nodes)} nodes, {spec.shard_map.shard_count} shards, "
             f"file {lc.file}"

@@ -35,7 +35,7 @@ from .errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
-from .migrate import init_node, migrate, read_shard_map
+from .migrate import distribute, has_citus, init_node, migrate, read_shard_map
 from .routing import ShardMap, validate_tenant
 from .serde import dump_args, dumps, loads
 
@@ -112,9 +112,16 @@ class Engine:
         config: EngineConfig | None = None,
         run_workers: bool = True,
         shard_count: int = 256,
+        citus: str | None = None,
     ) -> None:
-        if dsns is not None and cluster_file is not None:
-            raise InvalidArgument("give either dsns or cluster_file, not both")
+        if sum(x is not None for x in (dsns, cluster_file, citus)) > 1:
+            raise InvalidArgument("give one of dsns, cluster_file or citus")
+        if citus is not None:
+            # a Citus cluster: every call goes through the coordinator, and Citus routes
+            # it to the worker holding the tenant's shard group
+            dsns = [citus]
+            shard_count = 1
+        self._citus = citus is not None
         if dsns is not None and (isinstance(dsns, str) or not dsns):
             raise InvalidArgument("dsns must be a non-empty list of connection strings")
         self.config = config or EngineConfig()
@@ -257,7 +264,9 @@ class Engine:
         spec: ClusterSpec | None = None
         if self._dsns is None:
             spec = clusterfile.load(self._cluster_file)
-            targets: list[tuple[str | None, str]] = [(n.name, n.dsn) for n in spec.nodes]
+            # on Citus only the coordinator is a shardflow node; its workers are Citus's
+            targets: list[tuple[str | None, str]] = [
+                (n.name, n.dsn) for n in spec.nodes if n.role in ("primary", "coordinator")]
         else:
             targets = [(None, d) for d in self._dsns]
         found: list[tuple[str | None, str, str | None, ShardMap | None]] = []
@@ -266,9 +275,13 @@ class Engine:
             with self._connect_retrying(dsn, what) as conn:
                 if self.config.migrate:
                     migrate(conn)
+                if self._citus and not has_citus(conn):
+                    raise RoutingError(f"Engine(citus=...): {what} has no citus extension")
                 row = conn.execute("SELECT node_name FROM shardflow.node_info").fetchone()
                 node_name = row[0] if row else None
                 smap = read_shard_map(conn) if row else None
+                if row is not None and has_citus(conn):
+                    distribute(conn)  # idempotent
             if name is not None and node_name is not None and node_name != name:
                 raise RoutingError(f"the cluster file says {dsn} is node {name!r}, but that "
                                    f"database is node {node_name!r}")
@@ -282,6 +295,8 @@ class Engine:
             for (_, dsn, _, _), node_name in zip(found, names, strict=True):
                 with self._connect_retrying(dsn, node_name) as conn:
                     init_node(conn, node_name, shard_map)
+                    if has_citus(conn):
+                        distribute(conn)
             return [NodeSpec(n, "", 0, dsn) for (_, dsn, _, _), n in
                     zip(found, names, strict=True)], shard_map
         if len(maps) != len(found):

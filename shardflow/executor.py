@@ -243,15 +243,20 @@ class Worker:
                 if not self._shards(node):
                     continue
                 try:
+                    live = [r["worker_id"] for r in
+                            await self.engine.driver.fetch(node, "live_workers")]
                     rows = await self.engine.driver.fetch(node, "recover_orphans",
-                                                          self._shards(node))
+                                                          self._shards(node), live,
+                                                          self.cfg.lease_timeout)
                     if rows:
                         self.engine.metrics["recovered"] += len(rows)
                         log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
                         self._wake[node.name].set()
                     if ticks % 20 == 0:
+                        names = [r["name"] for r in
+                                 await self.engine.driver.fetch(node, "live_workflow_names")]
                         await self.engine.driver.execute(node, "mark_unrunnable",
-                                                         self._shards(node))
+                                                         self._shards(node), names)
                         await self.engine.driver.execute(node, "prune_workers")
                 except ShardflowError as exc:
                     log.warning("recovery sweep on node %s failed: %s", node.name, exc)
@@ -325,7 +330,7 @@ class Worker:
                 return
             await self._finish(ctx, "succeeded", out, None)
         except WorkflowInterrupt as exc:
-            log.debug("workflow %s/%s interrupted: %s", tenant, wf_id, exc.reason)
+            log.info("workflow %s/%s interrupted: %s", tenant, wf_id, exc.reason)
         except asyncio.CancelledError:
             # cancelled here (engine stopping, workflow cancelled or taken over): nothing
             # more is written; the database already says what happens next
@@ -346,8 +351,12 @@ class Worker:
         payload = error_payload(exc)
         if isinstance(exc, NonDeterminismError):
             payload["type"] = "NonDeterminismError"
-        with contextlib.suppress(ShardflowError):
+        try:
             await self._finish(ctx, "failed", None, payload)
+        except ShardflowError as err:
+            # cannot record the failure now; the lease lapses and recovery retries it
+            log.warning("workflow %s/%s failed (%s) and the failure could not be "
+                        "recorded: %s", ctx.tenant, ctx.workflow_id, payload["message"], err)
 
 
 class _HeartbeatThread(threading.Thread):

@@ -26,7 +26,7 @@ import psycopg
 from . import clusterfile
 from .clusterfile import ClusterSpec, NodeSpec
 from .errors import ClusterError, ClusterFileError
-from .migrate import init_node, migrate
+from .migrate import distribute, init_node, migrate
 from .routing import ShardMap
 
 DEFAULT_SHARDS = 256
@@ -125,6 +125,19 @@ def find_binaries() -> PgBinaries:
     )
 
 
+def citus_available(bins: PgBinaries) -> bool:
+    """True when the citus extension is installed for these server binaries."""
+    pg_config = bins.bindir / "pg_config"
+    libdir = None
+    if pg_config.is_file():
+        out = subprocess.run([str(pg_config), "--pkglibdir"], capture_output=True, text=True,
+                             check=False)
+        libdir = Path(out.stdout.strip()) if out.returncode == 0 else None
+    if libdir is None:
+        libdir = bins.bindir.parent / "lib"
+    return (libdir / "citus.so").is_file()
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -173,8 +186,10 @@ def run_as_postgres(args: Sequence[str], *, timeout: float) -> subprocess.Comple
     if ids is None:
         return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
                               check=False)
+    # the servers get the postgres user's own HOME, not root's (libpq reads ~/.postgresql)
+    env = {**os.environ, "HOME": pwd.getpwuid(ids[0]).pw_dir}
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          check=False, user=ids[0], group=ids[1], extra_groups=[])
+                          check=False, user=ids[0], group=ids[1], extra_groups=[], env=env)
 
 
 class LocalCluster:
@@ -240,8 +255,13 @@ class LocalCluster:
     def node_dir(self, name: str) -> Path:
         return self.dir / name
 
-    def _write_conf(self, pgdata: Path, port: int, sockdir: Path) -> None:
+    def _write_conf(self, pgdata: Path, port: int, sockdir: Path, *, citus: bool) -> None:
         conf = dict(POSTGRES_SETTINGS)
+        if citus:
+            # citus must come first in shared_preload_libraries; node-to-node connections
+            # stay on loopback, without TLS
+            conf["shared_preload_libraries"] = "'citus,pg_stat_statements'"
+            conf["citus.node_conninfo"] = "'sslmode=disable'"
         conf["port"] = str(port)
         conf["unix_socket_directories"] = f"'{sockdir}'"
         text = "# written by shardflow cluster up\n" + "".join(
@@ -309,8 +329,13 @@ class LocalCluster:
         replicas: int = 0,
         shard_count: int = DEFAULT_SHARDS,
         base_port: int | None = None,
+        citus: bool = False,
     ) -> ClusterSpec:
-        """Start (or reuse) the cluster. On any failure, stops what this call started."""
+        """Start (or reuse) the cluster. On any failure, stops what this call started.
+
+        With ``citus``: a coordinator and ``nodes`` Citus workers; the workflow tables are
+        distributed by tenant_id (Citus does the sharding; the shard map has one entry,
+        the coordinator, through which every call goes)."""
         if nodes is not None and nodes < 1:
             raise ClusterError(f"--nodes must be at least 1, got {nodes}")
         if replicas:
@@ -322,9 +347,14 @@ class LocalCluster:
         bins = find_binaries()
         if self.file.exists():
             return self._reuse(bins, nodes)
-        count = nodes or 3
-        names = [f"node{i}" for i in range(count)]
-        ports = self._choose_ports(count, base_port)
+        if citus and not citus_available(bins):
+            raise ClusterError(
+                f"--citus: the citus extension is not installed for PostgreSQL "
+                f"{bins.version} ({bins.bindir}); build and install Citus 13 first")
+        count = nodes or (2 if citus else 3)
+        names = ([f"node{i}" for i in range(count)] if not citus
+                 else ["coordinator", *(f"worker{i}" for i in range(count))])
+        ports = self._choose_ports(len(names), base_port)
         created = self._prepare_dir()
         started: list[str] = []
         try:
@@ -341,27 +371,38 @@ class LocalCluster:
                      "--encoding=UTF8", "--locale=C", "--no-sync"],
                     what=f"initdb of node {name}",
                 )
-                self._write_conf(pgdata, port, self.node_dir(name))
+                self._write_conf(pgdata, port, self.node_dir(name), citus=citus)
                 if not port_is_free(port):
                     raise ClusterError(f"port {port} for node {name} is already taken")
                 self._start_node(bins, name)
                 started.append(name)
-            shard_map = ShardMap.balanced(shard_count, names)
+            if citus:
+                shard_map = ShardMap(1, ("coordinator",))
+                roles = ["coordinator"] + ["worker"] * count
+            else:
+                shard_map = ShardMap.balanced(shard_count, names)
+                roles = ["primary"] * count
             spec = ClusterSpec(
                 nodes=tuple(
                     NodeSpec(name, "127.0.0.1", port, self.admin_dsn(port, DATABASE),
-                             "primary", str(self._pgdata(name)))
-                    for name, port in zip(names, ports, strict=True)
+                             role, str(self._pgdata(name)))
+                    for name, port, role in zip(names, ports, roles, strict=True)
                 ),
                 shard_map=shard_map,
-                kind="local",
+                kind="citus" if citus else "local",
                 dir=str(self.dir),
                 database=DATABASE,
                 settings={**POSTGRES_SETTINGS, "postgres_version": bins.version},
             )
-            for node in spec.nodes:
-                self._log(f"migrate {node.name}")
-                self._init_database(node.port, node.name, shard_map)
+            try:
+                if citus:
+                    self._init_citus(spec)
+                else:
+                    for node in spec.nodes:
+                        self._log(f"migrate {node.name}")
+                        self._init_database(node.port, node.name, shard_map)
+            except psycopg.Error as exc:
+                raise ClusterError(f"initialising the cluster failed: {exc}".strip()) from exc
             clusterfile.save(spec, self.file)
             return spec
         except BaseException:
@@ -401,6 +442,23 @@ class LocalCluster:
             migrate(conn)
             init_node(conn, name, shard_map)
 
+    def _init_citus(self, spec: ClusterSpec) -> None:
+        for node in spec.nodes:
+            with psycopg.connect(self.admin_dsn(node.port), autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            with psycopg.connect(node.dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        coord = spec.nodes[0]
+        with psycopg.connect(coord.dsn, autocommit=True) as conn:
+            conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', %s)", (coord.port,))
+            for w in spec.nodes[1:]:
+                conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (w.port,))
+            self._log("migrate coordinator, distribute the workflow tables")
+            migrate(conn)
+            init_node(conn, coord.name, spec.shard_map)
+            distribute(conn)
+
     def _reuse(self, bins: PgBinaries, nodes: int | None) -> ClusterSpec:
         spec = self.load()
         if nodes is not None and nodes != len(spec.nodes):
@@ -416,13 +474,16 @@ class LocalCluster:
                     )
                 self._log(f"start {node.name}")
                 self._start_node(bins, node.name)
-            with psycopg.connect(node.dsn, autocommit=True) as conn:
-                migrate(conn)
+        for node in spec.nodes:
+            if node.role in ("primary", "coordinator"):
+                with psycopg.connect(node.dsn, autocommit=True) as conn:
+                    migrate(conn)
         return spec
 
     def status(self) -> list[NodeStatus]:
         spec = self.load()
         bins = find_binaries()
+        placements = self._citus_placements(spec) if spec.kind == "citus" else {}
         out = []
         for node in spec.nodes:
             pid = self._is_running(bins, node.name)
@@ -431,12 +492,17 @@ class LocalCluster:
                 try:
                     with psycopg.connect(node.dsn, connect_timeout=3, autocommit=True) as conn:
                         row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-                        role = "standby" if row and row[0] else "primary"
-                        v = conn.execute(
-                            "SELECT coalesce(max(version), 0) FROM shardflow.schema_migrations"
-                        ).fetchone()
-                        version = int(v[0]) if v else None
-                        if role == "primary":
+                        if row and row[0]:
+                            role = "standby"
+                        elif node.role == "worker":
+                            role = "citus worker"
+                        elif node.role == "primary":
+                            role = "primary"
+                        if node.role != "worker":
+                            v = conn.execute("SELECT coalesce(max(version), 0) "
+                                             "FROM shardflow.schema_migrations").fetchone()
+                            version = int(v[0]) if v else None
+                        if role != "standby":
                             r = conn.execute(
                                 "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))"
                                 " FROM pg_stat_replication"
@@ -444,6 +510,8 @@ class LocalCluster:
                             lag = int(r[0]) if r and r[0] is not None else None
                 except psycopg.Error:
                     role = "unreachable"
+            shards = (placements.get(node.port, 0) if spec.kind == "citus"
+                      else len(spec.shard_map.shards_of(node.name)))
             out.append(
                 NodeStatus(
                     name=node.name,
@@ -451,12 +519,25 @@ class LocalCluster:
                     port=node.port,
                     pid=pid,
                     running=pid is not None,
-                    shards=len(spec.shard_map.shards_of(node.name)),
+                    shards=shards,
                     replication_lag_bytes=lag,
                     schema_version=version,
                 )
             )
         return out
+
+    @staticmethod
+    def _citus_placements(spec: ClusterSpec) -> dict[int, int]:
+        """Citus shards of shardflow.workflows per worker port, from the coordinator."""
+        try:
+            with psycopg.connect(spec.nodes[0].dsn, connect_timeout=3, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT nodeport, count(*) FROM citus_shards "
+                    "WHERE table_name = 'shardflow.workflows'::regclass GROUP BY nodeport"
+                ).fetchall()
+        except psycopg.Error:
+            return {}
+        return {int(str(p)): int(str(n)) for p, n in rows}
 
     def down(self, *, purge: bool = False) -> list[str]:
         """Stop every node; with ``purge``, delete the directory. Returns the nodes stopped."""

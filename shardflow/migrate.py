@@ -127,3 +127,30 @@ def read_shard_map(conn: psycopg.Connection[tuple[object, ...]]) -> ShardMap:
         raise RoutingError("the node holds no shard map: was it initialised?")
     return ShardMap(len(rows), tuple(str(r[1]) for r in rows),
                     max(int(str(r[2])) for r in rows))
+
+
+CITUS_TABLES = ("workflows", "steps", "messages", "events")
+
+
+def has_citus(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    row = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone()
+    return row is not None
+
+
+def distribute(conn: psycopg.Connection[tuple[object, ...]]) -> list[str]:
+    """On a Citus coordinator: distribute the workflow tables by tenant_id (colocated).
+    Idempotent; returns the tables distributed now."""
+    done = {str(r[0]) for r in conn.execute(
+        "SELECT logicalrelid::regclass::text FROM pg_dist_partition").fetchall()}
+    text = resources.files("shardflow.sql").joinpath("citus.sql").read_text("utf-8")
+    statements = [s.strip() for s in text.split(";")
+                  if s.strip() and not all(ln.startswith("--") for ln in s.strip().splitlines())]
+    distributed = []
+    for stmt in statements:
+        body = "\n".join(ln for ln in stmt.splitlines() if not ln.startswith("--"))
+        table = next(t for t in CITUS_TABLES if f"'shardflow.{t}'," in body)
+        if f"shardflow.{table}" in done:
+            continue
+        conn.execute(body)
+        distributed.append(table)
+    return distributed

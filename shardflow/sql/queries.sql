@@ -1,4 +1,7 @@
 -- Every query the engine sends, one named block each, loaded once by shardflow.driver.
+-- The same text runs on plain Postgres nodes and through a Citus coordinator, so: no
+-- volatile or stable function next to a column in UPDATE SET / ON CONFLICT DO UPDATE
+-- (use excluded.col or a parameter), and no joins of distributed with local tables.
 -- Placeholders are $n (native on asyncpg). Convention: $1 tenant, $2 shard, $3 workflow id. Every workflow-table query names tenant_id
 -- and shard_id: the shard prunes to one partition, the tenant keys the row.
 -- Fenced writes join the workflow row FOR SHARE with the caller's fence: a recoverer's
@@ -80,27 +83,34 @@ SELECT l.shard_id, l.owner, l.epoch, l.acquired_at,
  ORDER BY l.shard_id;
 
 -- name: recover_orphans
--- Running workflows whose owner's lease on this node expired go back to pending.
--- $1 shards
+-- Running workflows whose owner is not among the live workers ($2, from live_workers)
+-- go back to pending. $1 shards, $3 lease seconds. Two queries rather than a join with
+-- workers, so the same text runs on Citus, where workflows is distributed and workers
+-- is not. A workflow claimed within the last lease period is left alone: its owner may
+-- have registered after the live list was read.
 UPDATE shardflow.workflows w
    SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now(),
        reason = 'recovered: worker ' || w.owner || ' stopped heartbeating'
  WHERE w.status = 'running' AND w.shard_id = ANY($1::int[])
-   AND NOT EXISTS (SELECT 1 FROM shardflow.workers k
-                    WHERE k.worker_id = w.owner AND k.lease_expires_at > now())
+   AND w.owner <> ALL($2::text[])
+   AND w.updated_at < now() - make_interval(secs => $3::float8)
 RETURNING w.tenant_id, w.workflow_id, w.owner;
 
+-- name: live_workflow_names
+SELECT DISTINCT unnest(workflow_names) AS name FROM shardflow.workers
+ WHERE lease_expires_at > now();
+
 -- name: mark_unrunnable
--- Give pending workflows that no live worker can run a readable reason (bounded scan).
+-- Give pending workflows that no live worker can run ($2: names live workers run) a
+-- readable reason (bounded scan).
 UPDATE shardflow.workflows w
-   SET reason = format('no live worker registers workflow %L', w.name)
+   SET reason = 'no live worker registers workflow ' || quote_literal(w.name)
   FROM (SELECT tenant_id, workflow_id, shard_id FROM shardflow.workflows
          WHERE status = 'pending' AND reason IS NULL
            AND ready_at < now() - interval '5 seconds' AND shard_id = ANY($1::int[])
+           AND name <> ALL($2::text[])
          LIMIT 1000) p
- WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id AND w.shard_id = p.shard_id
-   AND NOT EXISTS (SELECT 1 FROM shardflow.workers k
-                    WHERE k.lease_expires_at > now() AND w.name = ANY(k.workflow_names));
+ WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id AND w.shard_id = p.shard_id;
 
 -- name: heartbeat
 -- $1 worker id, $2 host, $3 pid, $4 names, $5 lease seconds
@@ -172,7 +182,7 @@ INSERT INTO shardflow.steps
 SELECT $1, $2, $3, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, now() FROM w
 ON CONFLICT (tenant_id, workflow_id, seq, shard_id) DO UPDATE
    SET status = excluded.status, output = excluded.output, error = excluded.error,
-       retries = excluded.retries, finished_at = now()
+       retries = excluded.retries, finished_at = excluded.finished_at
  WHERE steps.status IN ('started', 'waiting')
 RETURNING 1;
 
@@ -282,7 +292,7 @@ RETURNING 1;
 INSERT INTO shardflow.events (tenant_id, shard_id, workflow_id, key, value)
 VALUES ($1, $2, $3, $4, $5::jsonb)
 ON CONFLICT (tenant_id, workflow_id, key, shard_id) DO UPDATE
-   SET value = excluded.value, updated_at = now();
+   SET value = excluded.value, updated_at = excluded.updated_at;
 
 -- name: get_event
 SELECT value FROM shardflow.events

@@ -11,6 +11,8 @@ DECLARE
     got int := 0;
     take int;
     n int;
+    -- a variable, not now() inline: Citus refuses volatile functions inside COALESCE
+    v_now timestamptz := now();
 BEGIN
     FOREACH s IN ARRAY p_shards LOOP
         EXIT WHEN got >= p_limit;
@@ -41,21 +43,21 @@ BEGIN
                 SELECT w.tenant_id, w.workflow_id, w.shard_id
                   FROM shardflow.workflows w
                  WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'pending'
-                   AND w.ready_at <= now() AND w.name = ANY(p_names)
+                   AND w.ready_at <= v_now AND w.name = ANY(p_names)
                  ORDER BY w.priority DESC, w.ready_at
                  LIMIT take
                    FOR UPDATE SKIP LOCKED
             )
             UPDATE shardflow.workflows w
                SET status = 'running', owner = p_worker, fence = w.fence + 1,
-                   attempts = w.attempts + 1, started_at = coalesce(w.started_at, now()),
-                   updated_at = now(), reason = NULL
+                   attempts = w.attempts + 1, started_at = coalesce(w.started_at, v_now),
+                   updated_at = v_now, reason = NULL
               FROM picked p
              WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
                AND w.shard_id = p.shard_id
             RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
                       w.attempts, w.max_attempts,
-                      extract(epoch FROM w.deadline_at - now())::float8;
+                      extract(epoch FROM w.deadline_at - v_now)::float8;
             GET DIAGNOSTICS n = ROW_COUNT;
             got := got + n;
         END LOOP;

@@ -1,0 +1,136 @@
+"""Citus mode on a real Citus cluster (a coordinator and two workers).
+
+Skipped, with the reason, when the citus extension is not installed for the machine's
+PostgreSQL (Citus is not packaged in Debian: build a 13.x release to run these).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import shardflow
+from shardflow.clusterfile import ClusterSpec
+from shardflow.localcluster import LocalCluster, citus_available, find_binaries
+
+from .conftest import FAST, make_tempdir
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not citus_available(find_binaries()),
+                       reason="the citus extension is not installed for this PostgreSQL"),
+]
+
+ORDERS_DDL = """
+CREATE TABLE IF NOT EXISTS public.orders (
+    tenant_id text NOT NULL,
+    order_id  text NOT NULL,
+    cents     int NOT NULL,
+    PRIMARY KEY (tenant_id, order_id)
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def citus() -> Iterator[tuple[ClusterSpec, LocalCluster]]:
+    base = make_tempdir("shardflow-citus-")
+    lc = LocalCluster(base / "c")
+    spec = lc.up(2, citus=True)
+    with psycopg.connect(spec.nodes[0].dsn, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        conn.execute("SELECT create_distributed_table('public.orders', 'tenant_id', "
+                     "colocate_with => 'shardflow.workflows')")
+    try:
+        yield spec, lc
+    finally:
+        lc.down(purge=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_workflow_tables_are_distributed_and_colocated(citus: Any) -> None:
+    spec, lc = citus
+    with psycopg.connect(spec.nodes[0].dsn) as conn:
+        rows = conn.execute(
+            "SELECT logicalrelid::regclass::text, column_to_column_name(logicalrelid, partkey),"
+            " colocationid FROM pg_dist_partition WHERE logicalrelid::regclass::text LIKE "
+            "'shardflow.%' AND logicalrelid::regclass::text NOT LIKE '%\\_s0'").fetchall()
+    tables = {r[0]: (r[1], r[2]) for r in rows}
+    assert set(tables) == {"shardflow.workflows", "shardflow.steps", "shardflow.messages",
+                           "shardflow.events"}
+    assert {col for col, _ in tables.values()} == {"tenant_id"}
+    assert len({coloc for _, coloc in tables.values()}) == 1
+    roles = {s.name: s.role for s in lc.status()}
+    assert roles == {"coordinator": "coordinator", "worker0": "citus worker",
+                     "worker1": "citus worker"}
+    assert sum(s.shards for s in lc.status()) > 0
+
+
+async def test_workflows_and_colocated_transaction_steps(citus: Any) -> None:
+    """Workflows run through the coordinator; a transaction step writes a business
+    table colocated by tenant in the checkpoint's transaction, exactly once, on the
+    same worker as the tenant's workflow rows."""
+    spec, lc = citus
+    engine = shardflow.Engine(cluster_file=lc.file, config=FAST)
+
+    @engine.transaction(name="place_order")
+    async def place_order(conn: Any, order_id: str, cents: int) -> int:
+        await conn.execute("INSERT INTO public.orders (tenant_id, order_id, cents) "
+                           "VALUES ($1, $2, $3)", shardflow.tenant(), order_id, cents)
+        return cents
+
+    @engine.step(name="notify")
+    async def notify(order_id: str) -> str:
+        return f"sent-{order_id}"
+
+    @engine.workflow(name="citus_checkout")
+    async def checkout(order_id: str) -> list[Any]:
+        c = await place_order(order_id, 250)
+        n = await notify(order_id)
+        await shardflow.sleep(0.01)
+        return [c, n]
+
+    tenants = [f"citus-{i}" for i in range(12)]
+    async with engine:
+        hs = [await engine.start(checkout, f"o-{t}", tenant=t, workflow_id=f"o-{t}")
+              for t in tenants]
+        results = await asyncio.gather(*(h.result(timeout=60) for h in hs))
+        again = await engine.start(checkout, "o-x", tenant=tenants[0], workflow_id=f"o-{tenants[0]}")
+        assert await again.result(timeout=10) == [250, f"sent-o-{tenants[0]}"]
+        listed = await engine.list_workflows(status="succeeded", limit=100)
+    assert results == [[250, f"sent-o-{t}"] for t in tenants]
+    assert {r["tenant_id"] for r in listed} >= set(tenants)
+    with psycopg.connect(spec.nodes[0].dsn) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT tenant_id) FROM public.orders "
+                           "WHERE tenant_id = ANY(%s)", (tenants,)).fetchone()
+        assert row == (12, 12)
+        # the tenant's order and its workflow checkpoint live in one shard group
+        for t in tenants[:3]:
+            a = conn.execute("SELECT get_shard_id_for_distribution_column('public.orders', %s::text)",
+                             (t,)).fetchone()
+            b = conn.execute("SELECT get_shard_id_for_distribution_column("
+                             "'shardflow.steps', %s::text)", (t,)).fetchone()
+            assert a is not None and b is not None
+            na = conn.execute("SELECT nodeport FROM citus_shards WHERE shardid = %s",
+                              (a[0],)).fetchone()
+            nb = conn.execute("SELECT nodeport FROM citus_shards WHERE shardid = %s",
+                              (b[0],)).fetchone()
+            assert na == nb
+    # the workers really hold the rows (not the coordinator)
+    per_worker = []
+    for node in spec.nodes[1:]:
+        with psycopg.connect(node.dsn) as conn:
+            conn.execute("SET citus.override_table_visibility TO off")  # show shard tables
+            tables = conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'orders\\_%' "
+                                  "AND relkind = 'r'").fetchall()
+            n = 0
+            for (rel,) in tables:
+                r = conn.execute(f'SELECT count(*) FROM public."{rel}" WHERE tenant_id = ANY(%s)',
+                                 (tenants,)).fetchone()
+                n += int(r[0]) if r else 0
+            per_worker.append(n)
+    assert sum(per_worker) == 12 and all(n > 0 for n in per_worker)
