@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .config import EngineConfig
 from .context import patch, recv, set_event, sleep, tenant, workflow_id
-from .engine import Engine, WorkflowHandle
+from .engine import Engine, Queue, WorkflowHandle
 from .errors import (
     ClusterError,
     ClusterFileError,
@@ -56,6 +56,7 @@ __all__ = [
     "MisroutedWrite",
     "NonDeterminismError",
     "PayloadTooLarge",
+    "Queue",
     "RetryableDatabaseError",
     "RoutingError",
     "SerializationError",

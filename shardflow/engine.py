@@ -56,6 +56,27 @@ def _validate_id(value: object, argument: str) -> str:
     return value
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Queue:
+    """A named queue. Limits are cluster-wide; each node enforces its share."""
+
+    name: str
+    priority: int = 0
+    concurrency: int | None = None
+    tenant_concurrency: int | None = None
+    rate_per_sec: float | None = None
+
+    def __post_init__(self) -> None:
+        _validate_id(self.name, "queue name")
+        if not isinstance(self.priority, int):
+            raise InvalidArgument(f"queue {self.name!r}: priority must be an int")
+        for field_name in ("concurrency", "tenant_concurrency", "rate_per_sec"):
+            v = getattr(self, field_name)
+            if v is not None and (not isinstance(v, int | float) or v <= 0):
+                raise InvalidArgument(f"queue {self.name!r}: {field_name} must be > 0 or "
+                                      f"None, got {v!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Registered:
     name: str
@@ -130,6 +151,8 @@ class Engine:
         self._cluster_file = Path(cluster_file) if cluster_file is not None else None
         self._shard_count = shard_count
         self._workflows: dict[str, _Registered] = {}
+        self._queues: dict[str, Queue] = {"default": Queue(name="default")}
+        self._known_queues: set[str] = {"default"}
         self._step_names: set[str] = set()
         self.driver: Driver = cast(Driver, None)
         self.shard_map: ShardMap = cast(ShardMap, None)
@@ -200,6 +223,34 @@ class Engine:
 
         return deco
 
+    def queue(self, name: str, *, priority: int = 0, concurrency: int | None = None,
+              tenant_concurrency: int | None = None,
+              rate_per_sec: float | None = None) -> Queue:
+        """Define a named queue (written to every node when the engine opens).
+
+        Queues are claimed from in priority order; ``concurrency`` and ``rate_per_sec``
+        are cluster-wide limits (each node enforces its share of them),
+        ``tenant_concurrency`` caps one tenant's running workflows of the queue."""
+        q = Queue(name=name, priority=priority, concurrency=concurrency,
+                  tenant_concurrency=tenant_concurrency, rate_per_sec=rate_per_sec)
+        self._queues[name] = q
+        self._known_queues.add(name)
+        return q
+
+    async def set_queue_paused(self, name: str, paused: bool) -> None:
+        """Pause (no new claims) or resume a queue on every node."""
+        self._require_open()
+        found = False
+        for node in self.driver.nodes.values():
+            found |= await self.driver.fetchrow(node, "set_queue_paused", name, paused) is not None
+        if not found:
+            raise InvalidArgument(f"unknown queue {name!r}")
+
+    async def list_queues(self) -> list[dict[str, Any]]:
+        self._require_open()
+        node = next(iter(self.driver.nodes.values()))
+        return [dict(r) for r in await self.driver.fetch(node, "list_queues")]
+
     @property
     def workflow_names(self) -> list[str]:
         return sorted(self._workflows)
@@ -224,6 +275,14 @@ class Engine:
         self.driver = Driver(nodes, shard_map, pool_size=self.config.pool_size,
                              connect_timeout=self.config.connect_timeout)
         await self.driver.open()
+        for q in self._queues.values():
+            if q.name == "default" and q == Queue(name="default"):
+                continue
+            for node in self.driver.nodes.values():
+                await self.driver.execute(node, "upsert_queue", q.name, q.priority,
+                                          q.concurrency, q.tenant_concurrency, q.rate_per_sec)
+        first = next(iter(self.driver.nodes.values()))
+        self._known_queues |= {r["name"] for r in await self.driver.fetch(first, "list_queues")}
         self._opened = True
         if self.run_workers:
             from .executor import Worker
@@ -404,6 +463,9 @@ class Engine:
         inputs = dump_args(args, kwargs, workflow=reg.name,
                            max_bytes=self.config.max_payload_bytes)
         q = queue or reg.queue
+        if q not in self._known_queues:
+            raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
+                                  f"with engine.queue({q!r}) (known: {sorted(self._known_queues)})")
         if ctx is not None:
             child_id = await ctx.start_child(reg.name, inputs, workflow_id, q, priority, timeout)
             return WorkflowHandle(self, tenant_id, child_id)

@@ -369,3 +369,19 @@ SELECT shard_id, node, epoch FROM shardflow.shard_map ORDER BY shard_id;
 
 -- name: shard_map_epoch
 SELECT coalesce(max(epoch), 0) AS epoch FROM shardflow.shard_map;
+
+-- name: upsert_queue
+INSERT INTO shardflow.queues (name, priority, concurrency, tenant_concurrency, rate_per_sec)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (name) DO UPDATE
+   SET priority = excluded.priority, concurrency = excluded.concurrency,
+       tenant_concurrency = excluded.tenant_concurrency,
+       rate_per_sec = excluded.rate_per_sec, updated_at = excluded.updated_at;
+
+-- name: list_queues
+SELECT name, priority, concurrency, tenant_concurrency, rate_per_sec, paused
+  FROM shardflow.queues
+ ORDER BY priority DESC, name;
+
+-- name: set_queue_paused
+UPDATE shardflow.queues SET paused = $2 WHERE name = $1 RETURNING name;

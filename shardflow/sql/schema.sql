@@ -4,63 +4,105 @@ CREATE FUNCTION shardflow.claim_fair(p_shards integer[], p_names text[], p_worke
     AS $$
 #variable_conflict use_column
 DECLARE
+    q record;
     s int;
     t text;
-    start_key text := md5(random()::text);
+    start_key text;
     wrapped boolean;
     got int := 0;
+    budget int;
+    tokens float8;
+    cap int;
     take int;
     n int;
+    share float8;
     -- a variable, not now() inline: Citus refuses volatile functions inside COALESCE
     v_now timestamptz := now();
 BEGIN
-    FOREACH s IN ARRAY p_shards LOOP
+    -- this node's share of cluster-wide queue limits
+    SELECT count(*) FILTER (WHERE m.node = i.node_name)::float8 / greatest(count(*), 1)
+      INTO share
+      FROM shardflow.shard_map m, shardflow.node_info i;
+    share := coalesce(nullif(share, 0), 1);
+    FOR q IN SELECT * FROM shardflow.queues WHERE NOT paused
+             ORDER BY priority DESC, name LOOP
         EXIT WHEN got >= p_limit;
-        t := start_key;
-        wrapped := false;
-        LOOP
-            EXIT WHEN got >= p_limit;
-            SELECT w.tenant_id INTO t FROM shardflow.workflows w
-             WHERE w.shard_id = s AND w.status = 'pending' AND w.tenant_id > t
-             ORDER BY w.tenant_id LIMIT 1;
-            IF NOT FOUND THEN
-                EXIT WHEN wrapped;
-                -- wrap around to the tenants before the random starting point
-                wrapped := true;
-                t := '';
-                CONTINUE;
-            END IF;
-            EXIT WHEN wrapped AND t > start_key;
-            take := least(p_per_tenant, p_limit - got);
-            IF p_tenant_cap > 0 THEN
-                SELECT count(*) INTO n FROM shardflow.workflows w
-                 WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'running';
-                take := least(take, p_tenant_cap - n);
-            END IF;
-            CONTINUE WHEN take <= 0;
-            RETURN QUERY
-            WITH picked AS (
-                SELECT w.tenant_id, w.workflow_id, w.shard_id
-                  FROM shardflow.workflows w
-                 WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'pending'
-                   AND w.ready_at <= v_now AND w.name = ANY(p_names)
-                 ORDER BY w.priority DESC, w.ready_at
-                 LIMIT take
-                   FOR UPDATE SKIP LOCKED
-            )
-            UPDATE shardflow.workflows w
-               SET status = 'running', owner = p_worker, fence = w.fence + 1,
-                   attempts = w.attempts + 1, started_at = coalesce(w.started_at, v_now),
-                   updated_at = v_now, reason = NULL
-              FROM picked p
-             WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
-               AND w.shard_id = p.shard_id
-            RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
-                      w.attempts, w.max_attempts,
-                      extract(epoch FROM w.deadline_at - v_now)::float8;
-            GET DIAGNOSTICS n = ROW_COUNT;
-            got := got + n;
+        budget := p_limit - got;
+        IF q.concurrency IS NOT NULL THEN
+            SELECT count(*) INTO n FROM shardflow.workflows w
+             WHERE w.status = 'running' AND w.queue = q.name;
+            budget := least(budget, ceil(q.concurrency * share)::int - n);
+        END IF;
+        IF q.rate_per_sec IS NOT NULL THEN
+            -- refill this node's bucket (burst: one second of its share)
+            INSERT INTO shardflow.queue_tokens AS b (name, tokens, refilled_at)
+            VALUES (q.name, q.rate_per_sec * share, v_now)
+            ON CONFLICT (name) DO UPDATE
+               SET tokens = least(q.rate_per_sec * share,
+                                  b.tokens + q.rate_per_sec * share
+                                  * extract(epoch FROM v_now - b.refilled_at)),
+                   refilled_at = v_now
+            RETURNING b.tokens INTO tokens;
+            budget := least(budget, floor(tokens)::int);
+        END IF;
+        CONTINUE WHEN budget <= 0;
+        cap := nullif(least(nullif(p_tenant_cap, 0), q.tenant_concurrency), 0);
+        n := got;
+        FOREACH s IN ARRAY p_shards LOOP
+            EXIT WHEN got - n >= budget;
+            start_key := md5(random()::text);
+            t := start_key;
+            wrapped := false;
+            LOOP
+                EXIT WHEN got - n >= budget;
+                SELECT w.tenant_id INTO t FROM shardflow.workflows w
+                 WHERE w.shard_id = s AND w.status = 'pending' AND w.queue = q.name
+                   AND w.tenant_id > t
+                 ORDER BY w.tenant_id LIMIT 1;
+                IF NOT FOUND THEN
+                    EXIT WHEN wrapped;
+                    -- wrap around to the tenants before the random starting point
+                    wrapped := true;
+                    t := '';
+                    CONTINUE;
+                END IF;
+                EXIT WHEN wrapped AND t > start_key;
+                take := least(p_per_tenant, budget - (got - n));
+                IF cap IS NOT NULL THEN
+                    SELECT count(*) INTO take FROM (SELECT 1 FROM shardflow.workflows w
+                     WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'running'
+                       AND (q.tenant_concurrency IS NULL OR w.queue = q.name)) r;
+                    take := least(p_per_tenant, budget - (got - n), cap - take);
+                END IF;
+                CONTINUE WHEN take <= 0;
+                RETURN QUERY
+                WITH picked AS (
+                    SELECT w.tenant_id, w.workflow_id, w.shard_id
+                      FROM shardflow.workflows w
+                     WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'pending'
+                       AND w.queue = q.name AND w.ready_at <= v_now
+                       AND w.name = ANY(p_names)
+                     ORDER BY w.priority DESC, w.ready_at
+                     LIMIT take
+                       FOR UPDATE SKIP LOCKED
+                )
+                UPDATE shardflow.workflows w
+                   SET status = 'running', owner = p_worker, fence = w.fence + 1,
+                       attempts = w.attempts + 1, started_at = coalesce(w.started_at, v_now),
+                       updated_at = v_now, reason = NULL
+                  FROM picked p
+                 WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
+                   AND w.shard_id = p.shard_id
+                RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
+                          w.attempts, w.max_attempts,
+                          extract(epoch FROM w.deadline_at - v_now)::float8;
+                GET DIAGNOSTICS take = ROW_COUNT;
+                got := got + take;
+            END LOOP;
         END LOOP;
+        IF q.rate_per_sec IS NOT NULL AND got > n THEN
+            UPDATE shardflow.queue_tokens SET tokens = tokens - (got - n) WHERE name = q.name;
+        END IF;
     END LOOP;
 END
 $$;
@@ -140,6 +182,23 @@ CREATE TABLE shardflow.node_info (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT node_info_shard_count_check CHECK ((shard_count > 0)),
     CONSTRAINT node_info_singleton_check CHECK (singleton)
+);
+CREATE TABLE shardflow.queue_tokens (
+    name text NOT NULL,
+    tokens double precision NOT NULL,
+    refilled_at timestamp with time zone DEFAULT now() NOT NULL
+);
+CREATE TABLE shardflow.queues (
+    name text NOT NULL,
+    priority integer DEFAULT 0 NOT NULL,
+    concurrency integer,
+    tenant_concurrency integer,
+    rate_per_sec double precision,
+    paused boolean DEFAULT false NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT queues_concurrency_check CHECK ((concurrency > 0)),
+    CONSTRAINT queues_rate_per_sec_check CHECK ((rate_per_sec > (0)::double precision)),
+    CONSTRAINT queues_tenant_concurrency_check CHECK ((tenant_concurrency > 0))
 );
 CREATE TABLE shardflow.shard_leases (
     shard_id integer NOT NULL,
@@ -233,6 +292,10 @@ ALTER TABLE ONLY shardflow.messages
     ADD CONSTRAINT messages_pkey PRIMARY KEY (tenant_id, workflow_id, topic, msg_id, shard_id);
 ALTER TABLE ONLY shardflow.node_info
     ADD CONSTRAINT node_info_pkey PRIMARY KEY (singleton);
+ALTER TABLE ONLY shardflow.queue_tokens
+    ADD CONSTRAINT queue_tokens_pkey PRIMARY KEY (name);
+ALTER TABLE ONLY shardflow.queues
+    ADD CONSTRAINT queues_pkey PRIMARY KEY (name);
 ALTER TABLE ONLY shardflow.shard_leases
     ADD CONSTRAINT shard_leases_pkey PRIMARY KEY (shard_id);
 ALTER TABLE ONLY shardflow.shard_map
@@ -248,6 +311,7 @@ ALTER TABLE ONLY shardflow.workflows
 CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
-CREATE INDEX workflows_pending_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
+CREATE INDEX workflows_pending_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);
+CREATE INDEX workflows_running_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id) WHERE (status = 'running'::text);
 CREATE INDEX workflows_running_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id) WHERE (status = 'running'::text);
