@@ -25,23 +25,11 @@ from shardflow.clusterfile import ClusterSpec, NodeSpec
 from shardflow.localcluster import LocalCluster
 from shardflow.migrate import init_node, migrate
 
-from .flows import EFFECTS_DDL
+from .flows import EFFECTS_DDL, FAST
 
 TEST_SHARDS = 16
 TEMPLATE = "sf_template"
 ROOT = Path(__file__).resolve().parent.parent
-
-# Fast timings so crash tests finish quickly; production defaults live in EngineConfig.
-FAST = EngineConfig(
-    lease_timeout=1.0,
-    heartbeat_interval=0.2,
-    recovery_interval=0.2,
-    poll_interval=0.05,
-    suspend_after=1.0,
-    step_backoff_base=0.01,
-    connect_timeout=10.0,
-)
-
 
 def make_tempdir(prefix: str) -> Path:
     """A temp dir the postgres OS user can reach (pytest's own tmp is root-only)."""

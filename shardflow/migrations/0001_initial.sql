@@ -74,9 +74,6 @@ CREATE TABLE shardflow.workflows (
     PRIMARY KEY (tenant_id, workflow_id, shard_id)
 ) PARTITION BY LIST (shard_id);
 
--- Claims scan only pending rows: the index stays as small as the backlog.
-CREATE INDEX workflows_pending_idx ON shardflow.workflows (priority DESC, ready_at)
-    WHERE status = 'pending';
 -- Recovery looks up running workflows by owner.
 CREATE INDEX workflows_running_owner_idx ON shardflow.workflows (owner)
     WHERE status = 'running';

@@ -1,5 +1,16 @@
--- 0003: named queues with priorities, concurrency limits and rate limits.
---
+-- 0002: shard ownership leases for shard-aware workers; named queues with priorities,
+-- concurrency and rate limits; tenant-fair claiming.
+
+-- Which worker owns (polls) each of this node's shards. A lease is valid while its
+-- owner's heartbeat row in shardflow.workers is live: owning shards costs no writes
+-- beyond the worker's own heartbeat. epoch counts ownership changes.
+CREATE TABLE shardflow.shard_leases (
+    shard_id    int PRIMARY KEY,
+    owner       text,
+    epoch       bigint NOT NULL DEFAULT 0,
+    acquired_at timestamptz
+);
+
 -- Queue definitions are written by every Engine on open (upsert) and kept on every
 -- node. Limits are cluster-wide figures; each node enforces its share, in proportion
 -- to the shards it holds (ceil), so no cross-node coordination sits on the claim path.
@@ -26,16 +37,18 @@ CREATE TABLE shardflow.queue_tokens (
     refilled_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Claims walk one queue at a time: the pending index leads with the queue.
-DROP INDEX shardflow.workflows_pending_tenant_idx;
+-- Claims walk one queue at a time, tenant by tenant, over pending rows only: the index
+-- stays as small as the backlog and leads with the queue, then the tenant.
 CREATE INDEX workflows_pending_queue_idx
     ON shardflow.workflows (queue, tenant_id, priority DESC, ready_at)
     WHERE status = 'pending';
 CREATE INDEX workflows_running_queue_idx
     ON shardflow.workflows (queue, tenant_id)
     WHERE status = 'running';
-
-DROP FUNCTION shardflow.claim_fair(int[], text[], text, int, int, int);
+-- Per-tenant concurrency limits count a tenant's running workflows.
+CREATE INDEX workflows_running_tenant_idx
+    ON shardflow.workflows (tenant_id)
+    WHERE status = 'running';
 
 -- Claim up to p_limit ready workflows from shards p_shards. Queues are visited in
 -- priority order, each within its budget on this node (concurrency share minus running,
