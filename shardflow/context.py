@@ -421,7 +421,7 @@ class WorkflowContext:
                     raise self._fenced_out(f"start of child {child_id!r}")
         except _AlreadyRecorded:
             return str(await self._reload(seq))
-        self.engine.wake_workers()
+        self.engine.wake_workers(self.shard)
         return child_id
 
     async def child_result(self, child_id: str, timeout: float | None) -> Any:

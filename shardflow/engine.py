@@ -495,7 +495,7 @@ class Engine:
                     f"{info['name']!r} workflow, not {reg.name!r}")
         else:
             self.metrics["started"] += 1
-            self.wake_workers()
+            self.wake_workers(shard)
         return WorkflowHandle(self, tenant_id, wf_id)
 
     def _require_open(self) -> None:
@@ -503,9 +503,9 @@ class Engine:
             raise InvalidArgument("the engine is not open: use 'async with engine:' "
                                   "or 'await engine.open()'")
 
-    def wake_workers(self) -> None:
+    def wake_workers(self, shard: int | None = None) -> None:
         if self._worker is not None:
-            self._worker.wake()
+            self._worker.wake(shard)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -65,6 +65,11 @@ class Worker:
         self._beat: _HeartbeatThread | None = None
         self.ownership = ShardOwnership(engine.driver, engine.shard_map, self.worker_id)
         self._listeners: dict[str, asyncpg.Connection] = {}
+        # Shards known to have work (a NOTIFY, a local start, a claim that filled its
+        # batch). Claims visit only these; all owned shards are swept every
+        # sweep_interval, because visiting ~100 partitions costs ~10 ms of database CPU.
+        self._hot: dict[str, set[int]] = {}
+        self._sweep_now = True
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -110,9 +115,17 @@ class Worker:
                 await self.engine.driver.execute(node, "release_worker", self.worker_id)
                 await self.engine.driver.execute(node, "delete_worker", self.worker_id)
 
-    def wake(self) -> None:
-        for ev in self._wake.values():
-            ev.set()
+    def wake(self, shard: int | None = None) -> None:
+        """New work: in ``shard`` if known (claim it next), else anywhere (sweep all)."""
+        if shard is None:
+            self._sweep_now = True
+            for ev in self._wake.values():
+                ev.set()
+            return
+        node = self.engine.shard_map.node_of_shard(shard)
+        if shard in self.ownership.owned.get(node, ()):
+            self._hot.setdefault(node, set()).add(shard)
+            self._wake[node].set()
 
     def interrupt(self, tenant: str, workflow_ids: list[str]) -> None:
         """Stop local runs of workflows that were cancelled."""
@@ -142,7 +155,9 @@ class Worker:
     def _on_notify(self, node: Node) -> Any:
         def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             with contextlib.suppress(ValueError):
-                if int(payload) in self.ownership.owned.get(node.name, ()):
+                shard = int(payload)
+                if shard in self.ownership.owned.get(node.name, ()):
+                    self._hot.setdefault(node.name, set()).add(shard)
                     self._wake[node.name].set()
 
         return callback
@@ -154,7 +169,7 @@ class Worker:
                 if await self.engine.refresh_shard_map():
                     log.info("shard map changed (epoch %d)", self.engine.shard_map.epoch)
                 if await self.ownership.rebalance():
-                    self.wake()
+                    self.wake()  # new shards: sweep them at once
             except ShardflowError as exc:
                 log.warning("shard rebalance failed: %s", exc)
             if self.cfg.notify:
@@ -164,6 +179,8 @@ class Worker:
         names = self.engine.workflow_names
         wake = self._wake[node.name]
         cap = self.cfg.tenant_concurrency or 0
+        loop = asyncio.get_running_loop()
+        next_sweep = 0.0
         while not self._stopping:
             free = self.cfg.max_concurrency - len(self.running)
             if free <= 0:
@@ -171,7 +188,16 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             limit = min(free, self.cfg.claim_batch)
-            shards = self._shards(node)
+            owned = set(self._shards(node))
+            hot = self._hot.setdefault(node.name, set())
+            sweep = self._sweep_now or loop.time() >= next_sweep
+            if sweep:
+                self._sweep_now = False
+                next_sweep = loop.time() + self.cfg.sweep_interval
+                shards = sorted(owned)
+            else:
+                shards = sorted(hot & owned)
+            hot.difference_update(shards)  # re-added below if they still have work
             try:
                 rows = (await self.engine.driver.claim(
                     node, shards, names, self.worker_id, limit, self.cfg.per_tenant_batch, cap)
@@ -179,13 +205,20 @@ class Worker:
             except ShardflowError as exc:
                 log.warning("claim on node %s failed: %s", node.name, exc)
                 rows = []
+                hot.update(shards)
                 await asyncio.sleep(self.cfg.poll_interval)
             for row in rows:
                 self._spawn(node, row)
-            if len(rows) < limit:
+            if len(rows) >= limit:
+                # a full batch: these shards probably have more
+                hot.update(r["shard_id"] for r in rows)
+                continue
+            if not hot:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.cfg.poll_interval)
+                    await asyncio.wait_for(
+                        wake.wait(), max(0.0, min(self.cfg.poll_interval,
+                                                   next_sweep - loop.time())))
 
     async def _heartbeat(self, node: Node) -> None:
         await self.engine.driver.execute(
@@ -251,6 +284,8 @@ class Worker:
                     if rows:
                         self.engine.metrics["recovered"] += len(rows)
                         log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
+                        self._hot.setdefault(node.name, set()).update(
+                            r["shard_id"] for r in rows)
                         self._wake[node.name].set()
                     if ticks % 20 == 0:
                         names = [r["name"] for r in

@@ -19,6 +19,7 @@ FAST = EngineConfig(
     heartbeat_interval=0.2,
     recovery_interval=0.2,
     poll_interval=0.05,
+    sweep_interval=0.2,
     suspend_after=1.0,
     step_backoff_base=0.01,
     connect_timeout=10.0,

@@ -139,7 +139,7 @@ async def test_tenant_concurrency_cap(db: PerTestDB) -> None:
 
 async def test_notify_wakes_the_shard_owner_without_polling(db: PerTestDB) -> None:
     """With polling every 30 s, a start still runs at once: NOTIFY wakes the owner."""
-    slow_poll = dataclasses.replace(FAST, poll_interval=30.0)
+    slow_poll = dataclasses.replace(FAST, poll_interval=30.0, sweep_interval=30.0)
     worker = make_engine(db.dsns, config=slow_poll)
     client = make_engine(db.dsns, run_workers=False)
     async with worker, client:

@@ -111,16 +111,21 @@ BEGIN
         n := got;
         FOREACH s IN ARRAY p_shards LOOP
             EXIT WHEN got - n >= budget;
+            -- a shard that just moved away (stale map of the caller) has no partition
+            CONTINUE WHEN to_regclass('shardflow.workflows_s' || s) IS NULL;
             start_key := md5(random()::text);
             t := start_key;
             wrapped := false;
             LOOP
                 EXIT WHEN got - n >= budget;
-                SELECT w.tenant_id INTO t FROM shardflow.workflows w
-                 WHERE w.shard_id = s AND w.status = 'pending' AND w.queue = q.name
-                   AND w.tenant_id > t
-                 ORDER BY w.tenant_id LIMIT 1;
-                IF NOT FOUND THEN
+                -- each shard's own partition by name: planning a query on the parent
+                -- would open every partition of this node, per shard, per claim
+                EXECUTE format(
+                    'SELECT w.tenant_id FROM shardflow.%I w WHERE w.status = ''pending'' '
+                    'AND w.queue = $1 AND w.tenant_id > $2 ORDER BY w.tenant_id LIMIT 1',
+                    'workflows_s' || s)
+                   INTO t USING q.name, t;
+                IF t IS NULL THEN
                     EXIT WHEN wrapped;
                     -- wrap around to the tenants before the random starting point
                     wrapped := true;
@@ -130,33 +135,32 @@ BEGIN
                 EXIT WHEN wrapped AND t > start_key;
                 take := least(p_per_tenant, budget - (got - n));
                 IF cap IS NOT NULL THEN
-                    SELECT count(*) INTO take FROM (SELECT 1 FROM shardflow.workflows w
-                     WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'running'
-                       AND (q.tenant_concurrency IS NULL OR w.queue = q.name)) r;
+                    EXECUTE format(
+                        'SELECT count(*) FROM shardflow.%I w WHERE w.tenant_id = $1 '
+                        'AND w.status = ''running'' AND ($2 OR w.queue = $3)',
+                        'workflows_s' || s)
+                       INTO take USING t, q.tenant_concurrency IS NULL, q.name;
                     take := least(p_per_tenant, budget - (got - n), cap - take);
                 END IF;
                 CONTINUE WHEN take <= 0;
-                RETURN QUERY
-                WITH picked AS (
-                    SELECT w.tenant_id, w.workflow_id, w.shard_id
-                      FROM shardflow.workflows w
-                     WHERE w.shard_id = s AND w.tenant_id = t AND w.status = 'pending'
-                       AND w.queue = q.name AND w.ready_at <= v_now
-                       AND w.name = ANY(p_names)
-                     ORDER BY w.priority DESC, w.ready_at
-                     LIMIT take
-                       FOR UPDATE SKIP LOCKED
-                )
-                UPDATE shardflow.workflows w
-                   SET status = 'running', owner = p_worker, fence = w.fence + 1,
-                       attempts = w.attempts + 1, started_at = coalesce(w.started_at, v_now),
-                       updated_at = v_now, reason = NULL
-                  FROM picked p
-                 WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
-                   AND w.shard_id = p.shard_id
-                RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
-                          w.attempts, w.max_attempts,
-                          extract(epoch FROM w.deadline_at - v_now)::float8;
+                RETURN QUERY EXECUTE format(
+                    'WITH picked AS ('
+                    '    SELECT w.tenant_id, w.workflow_id, w.shard_id FROM shardflow.%1$I w'
+                    '     WHERE w.tenant_id = $1 AND w.status = ''pending'' AND w.queue = $2'
+                    '       AND w.ready_at <= $3 AND w.name = ANY($4)'
+                    '     ORDER BY w.priority DESC, w.ready_at LIMIT $5'
+                    '       FOR UPDATE SKIP LOCKED)'
+                    ' UPDATE shardflow.%1$I w'
+                    '    SET status = ''running'', owner = $6, fence = w.fence + 1,'
+                    '        attempts = w.attempts + 1, started_at = coalesce(w.started_at, $3),'
+                    '        updated_at = $3, reason = NULL'
+                    '   FROM picked p'
+                    '  WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id'
+                    ' RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs,'
+                    '           w.fence, w.attempts, w.max_attempts,'
+                    '           extract(epoch FROM w.deadline_at - $3)::float8',
+                    'workflows_s' || s)
+                   USING t, q.name, v_now, p_names, take, p_worker;
                 GET DIAGNOSTICS take = ROW_COUNT;
                 got := got + take;
             END LOOP;

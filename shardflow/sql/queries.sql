@@ -94,7 +94,7 @@ UPDATE shardflow.workflows w
  WHERE w.status = 'running' AND w.shard_id = ANY($1::int[])
    AND w.owner <> ALL($2::text[])
    AND w.updated_at < now() - make_interval(secs => $3::float8)
-RETURNING w.tenant_id, w.workflow_id, w.owner;
+RETURNING w.tenant_id, w.workflow_id, w.shard_id, w.owner;
 
 -- name: live_workflow_names
 SELECT DISTINCT unnest(workflow_names) AS name FROM shardflow.workers
