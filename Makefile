@@ -13,8 +13,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# main job on the embedded default: a local 3-node cluster, real workflows, a summary
+# main job on the embedded default: a local 3-node cluster, a 15 s load run with a live
+# dashboard, a report in results/ (summary.json, report.md, .hgrm, PNG plots)
 demo: setup
+	$(VENV)/bin/shardflow cluster up --nodes 3
+	$(VENV)/bin/shardflow bench --rate 50 --duration 15 --tenants 100 --steps 3
+
+# a smaller in-process demo: 2,000 workflows and an audit
+demo-small: setup
 	$(VENV)/bin/shardflow demo
 
 # the whole test suite on real Postgres processes (a 3-node cluster per test process)

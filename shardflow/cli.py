@@ -26,6 +26,7 @@ EPILOG = """examples:
   shardflow cluster up --nodes 4          start a local 4-node cluster in .shardflow/
   shardflow cluster status                nodes, roles, ports, shards
   shardflow demo                          cluster up, run workflows, print a summary
+  shardflow bench --rate 50 --duration 15 a load run with a live dashboard and a report
   shardflow worker myapp.flows:engine --processes 2
   shardflow workflows list --tenant acme --status pending
   shardflow cluster down --purge          stop every node and delete the data
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--cluster", type=Path, default=None)
     sm.add_argument("--lock-timeout", type=float, default=5.0,
                     help="seconds to wait for the fence (default 5)")
+
+    bn = sub.add_parser(
+        "bench", add_help=False,
+        help="load test: workflows/s, latency, database cost per workflow, a report",
+        description="Run 'shardflow bench --help' for its options.")
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     dm = sub.add_parser("demo", help="cluster up, start and complete workflows, print a summary")
     dm.add_argument("--nodes", type=_positive_int("--nodes"), default=3)
@@ -258,6 +265,12 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker_processes(args.target, args.processes)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(list(args.bench_args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -266,6 +279,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # the bench has its own option parser (also: python -m shardflow.bench)
+        try:
+            return _bench(argparse.Namespace(bench_args=argv[1:]))
+        except ShardflowError as exc:
+            err_console.print(f"shardflow: error: {exc}", markup=False, highlight=False,
+                              soft_wrap=True)
+            return 2
     args = build_parser().parse_args(argv)
     handlers = {
         "cluster": _cluster,
@@ -274,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": _worker,
         "shard": _shard,
         "demo": _demo,
+        "bench": _bench,
     }
     try:
         return handlers[args.command](args)

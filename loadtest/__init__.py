@@ -1,0 +1,1 @@
+"""Load-test tooling for shardflow (the benchmark workflows; see README.md here)."""

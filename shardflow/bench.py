@@ -1,0 +1,1048 @@
+"""``python -m shardflow.bench``: an honest load test of a shardflow cluster.
+
+What it does, and why each choice:
+
+* **Workers are separate processes** (``python -m shardflow.worker
+  loadtest.benchflows:engine`` x N), so their CPU is measured apart from the load
+  generator's, as in production. The bench process only starts workflows (a client
+  engine, ``run_workers=False``).
+* **Open loop by default**: workflows are started on a fixed arrival schedule
+  (``--rate``), each start in its own task, so a slow system does not slow the arrivals
+  down and hide its own latency (coordinated omission). ``--concurrency`` gives a closed
+  loop (N clients that each start a workflow and wait for its result) instead.
+* **Latency comes from the database**: ``finished_at - created_at`` of each workflow row,
+  i.e. from the commit of its start to the commit of its completion, read at the end on
+  every node. A workflow counts as completed only when its completion is committed.
+  (Both columns are ``now()``, the start time of the writing transaction: each is a
+  one-statement transaction, so this is within a fraction of a millisecond of its commit.)
+* **Cost per workflow**: Postgres CPU from ``/proc`` (every server process of every node,
+  including the ones that exited during the run), WAL bytes from ``pg_current_wal_lsn``,
+  statements from ``pg_stat_statements``, worker CPU from ``/proc``; each measured over
+  the load window only (after the workers are up, until the backlog is drained) and
+  divided by the completed workflows.
+* **Audit**: every started workflow completed exactly once (status counts per node),
+  no transactional effect applied twice (``public.bench_effects``), none failed.
+
+The report goes to ``results/<date>-<scenario>/`` (summary.json, report.md, latency
+.hgrm, PNG plots when matplotlib is importable) and a row in ``results/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from hdrh.histogram import HdrHistogram
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from . import __version__, clusterfile
+from .clusterfile import ClusterSpec, NodeSpec
+from .config import EngineConfig
+from .localcluster import POSTGRES_SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: ``loadtest/`` lives here and worker processes run from here."""
+
+WORKFLOW_NAME = "bench.flow"  # the same as loadtest.benchflows.WORKFLOW_NAME
+HIST_MAX_US = 3_600_000_000  # one hour: anything slower is a failure, not a latency
+SUMMARY_FIELDS = (
+    "workflows_per_sec", "completed", "failed", "duplicates", "latency_ms",
+    "db_cpu_us_per_workflow", "wal_bytes_per_workflow", "worker_cpu_us_per_workflow",
+    "statements_per_workflow", "nodes", "shards", "tenants", "steps", "duration_s",
+    "machine", "versions", "settings",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """One benchmark run. Give ``rate`` (open loop) or ``concurrency`` (closed loop);
+    stop after ``duration`` seconds of arrivals, or after ``workflows`` starts."""
+
+    cluster_file: Path = Path(".shardflow/cluster.json")
+    rate: float | None = None
+    concurrency: int | None = None
+    duration: float = 20.0
+    workflows: int | None = None
+    tenants: int = 100
+    skew: str = "uniform"  # or "zipf"
+    zipf_s: float = 1.1
+    steps: int = 3
+    payload_bytes: int = 100
+    worker_processes: int = 2
+    results_dir: Path = Path("results")
+    scenario: str | None = None
+    engine_config: dict[str, Any] = field(default_factory=dict)
+    drain_timeout: float = 120.0
+    ready_timeout: float = 60.0
+    clean: bool = True
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and self.concurrency is not None:
+            raise ValueError("give --rate (open loop) or --concurrency (closed loop), not both")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"--rate must be > 0, got {self.rate}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1 (the transactional step), got {self.steps}")
+        if self.tenants < 1 or self.worker_processes < 1 or self.payload_bytes < 0:
+            raise ValueError("--tenants and --worker-processes must be >= 1, "
+                             "--payload-bytes >= 0")
+        if self.skew not in ("uniform", "zipf"):
+            raise ValueError(f"--skew must be uniform or zipf, got {self.skew!r}")
+        if self.duration <= 0 or (self.workflows is not None and self.workflows < 1):
+            raise ValueError("--duration must be > 0 and --workflows >= 1")
+        EngineConfig(**self.engine_config)  # refuse unknown or invalid settings up front
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.concurrency is not None else "open"
+
+    @property
+    def effective_rate(self) -> float:
+        return self.rate if self.rate is not None else 200.0
+
+    def command_line(self) -> str:
+        """The command that repeats this run."""
+        args = ["python", "-m", "shardflow.bench", "--cluster-file", str(self.cluster_file)]
+        if self.concurrency is not None:
+            args += ["--concurrency", str(self.concurrency)]
+        else:
+            args += ["--rate", f"{self.effective_rate:g}"]
+        if self.workflows is not None:
+            args += ["--workflows", str(self.workflows)]
+        else:
+            args += ["--duration", f"{self.duration:g}"]
+        args += ["--tenants", str(self.tenants), "--skew", self.skew, "--steps",
+                 str(self.steps), "--payload-bytes", str(self.payload_bytes),
+                 "--worker-processes", str(self.worker_processes),
+                 "--results-dir", str(self.results_dir)]
+        if self.scenario:
+            args += ["--scenario", self.scenario]
+        if self.engine_config:
+            args += ["--engine-config", json.dumps(self.engine_config)]
+        if not self.clean:
+            args.append("--keep-old")
+        return shlex.join(args)
+
+
+# -- /proc accounting ------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (the command name may contain spaces: split after
+    its closing parenthesis). None when the process is gone or not visible."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def process_cpu_us(pid: int) -> int | None:
+    """utime + stime of one live process, in microseconds."""
+    f = _read_stat(pid)
+    if f is None:
+        return None
+    return (int(f[11]) + int(f[12])) * 1_000_000 // CLK_TCK
+
+
+def server_cpu_us(postmaster: int) -> int | None:
+    """CPU of a Postgres server: the postmaster, every live child (backends, walwriter,
+    checkpointer, autovacuum, ...) and, through the postmaster's cutime/cstime, every
+    child that already exited and was reaped: backends come and go during a run, and
+    their CPU must not vanish with them."""
+    f = _read_stat(postmaster)
+    if f is None:
+        return None
+    ticks = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        c = _read_stat(int(entry))
+        if c is not None and c[1] == str(postmaster):
+            ticks += int(c[11]) + int(c[12])
+    return ticks * 1_000_000 // CLK_TCK
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() in ("postgres", "postmaster")
+    except OSError:
+        return False
+
+
+async def postmaster_pid(node: NodeSpec, conn: asyncpg.Connection) -> int | None:
+    """The node's postmaster: from <data_dir>/postmaster.pid (the cluster file, else the
+    server's data_directory), else the parent of our own backend. None when the server
+    is not on this machine (then its CPU is not measured)."""
+    dirs = [node.data_dir] if node.data_dir else []
+    with contextlib.suppress(asyncpg.PostgresError):
+        dirs.append(str(await conn.fetchval("SELECT current_setting('data_directory')")))
+    for d in dirs:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((Path(d) / "postmaster.pid").read_text().splitlines()[0])
+            if _is_postgres(pid):
+                return pid
+    backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+    f = _read_stat(backend)
+    if f is not None and _is_postgres(int(f[1])):
+        return int(f[1])
+    return None
+
+
+# -- the cluster -----------------------------------------------------------------------
+
+
+@dataclass
+class NodeState:
+    spec: NodeSpec
+    conn: asyncpg.Connection
+    postmaster: int | None = None
+    has_pss: bool = False
+    # live poll
+    backlog: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    last_finished: dt.datetime | None = None
+
+
+async def _snapshot(nodes: list[NodeState], worker_pids: list[int]) -> dict[str, Any]:
+    """Counters at one instant: server CPU, WAL position, statement calls, worker CPU."""
+    snap: dict[str, Any] = {"db_cpu": [], "wal": [], "calls": [], "worker_cpu": []}
+    for n in nodes:
+        snap["db_cpu"].append(None if n.postmaster is None else server_cpu_us(n.postmaster))
+        snap["wal"].append(str(await n.conn.fetchval("SELECT pg_current_wal_lsn()::text")))
+        snap["calls"].append(None if not n.has_pss else int(await n.conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())")))
+    snap["worker_cpu"] = [process_cpu_us(p) for p in worker_pids]
+    snap["client_cpu"] = int(sum(os.times()[:2]) * 1_000_000)
+    snap["at"] = time.monotonic()
+    return snap
+
+
+def _delta(a: list[int | None], b: list[int | None]) -> int | None:
+    total = 0
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            return None  # not measurable (a process not visible in /proc)
+        total += y - x
+    return total
+
+
+def _load_benchflows() -> Any:
+    """Import ``loadtest.benchflows`` from the repository root (it is not installed)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("loadtest.benchflows")
+
+
+def _prepare_node(dsn: str, clean: bool, effects_ddl: str) -> None:
+    """Create the effects table; with ``clean``, drop earlier bench rows (only the
+    bench's own workflow name) and vacuum, so every run starts from the same state, the
+    once-a-second poll scans only this run's rows, and the cleanup's WAL and vacuum work
+    happen before the measured window, not inside it."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(effects_ddl)
+        if clean:
+            conn.execute(
+                "DELETE FROM shardflow.steps s USING shardflow.workflows w "
+                "WHERE w.name = %s AND s.tenant_id = w.tenant_id "
+                "AND s.shard_id = w.shard_id AND s.workflow_id = w.workflow_id",
+                (WORKFLOW_NAME,))
+            conn.execute("DELETE FROM shardflow.workflows WHERE name = %s", (WORKFLOW_NAME,))
+            conn.execute("TRUNCATE public.bench_effects")
+            conn.execute("VACUUM (ANALYZE) shardflow.workflows, shardflow.steps")
+
+
+def _start_workers(opts: BenchOptions, report_dir: Path) -> list[subprocess.Popen[bytes]]:
+    env = dict(os.environ)
+    env["SHARDFLOW_BENCH_CLUSTER"] = str(Path(opts.cluster_file).absolute())
+    env["SHARDFLOW_BENCH_CONFIG"] = json.dumps(opts.engine_config)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    procs = []
+    for i in range(opts.worker_processes):
+        log = (report_dir / f"worker-{i}.log").open("wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "shardflow.worker", "loadtest.benchflows:engine"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        log.close()  # the child holds its own descriptor
+    return procs
+
+
+def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
+    """SIGTERM (a graceful stop: workflows are handed back), then SIGKILL after 30 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes: list[int | None] = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=30))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+async def _wait_ready(nodes: list[NodeState], procs: list[subprocess.Popen[bytes]],
+                      timeout: float, console: Console) -> None:
+    """Wait until every worker process heartbeats on every node and the shards are
+    owned by exactly our workers, so the measured window does not include start-up
+    (imports, connections, the first rebalance)."""
+    pids = {p.pid for p in procs}
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"worker process {p.pid} exited with code {p.returncode} "
+                                   "during start-up (see worker-*.log in the report dir)")
+        ready = True
+        ours: set[str] = set()
+        owners: set[str | None] = set()
+        for n in nodes:
+            rows = await n.conn.fetch("SELECT worker_id, pid FROM shardflow.workers "
+                                      "WHERE lease_expires_at > now()")
+            live = {r["worker_id"] for r in rows if r["pid"] in pids}
+            ready &= len({r["pid"] for r in rows if r["pid"] in pids}) == len(pids)
+            ours |= live
+            owners |= {r["owner"] for r in await n.conn.fetch(
+                "SELECT owner FROM shardflow.shard_leases")}
+        if ready and owners and owners <= ours and len(owners) == min(len(pids), len(ours)):
+            return
+        if time.monotonic() > deadline:
+            console.print("[yellow]workers not fully balanced after "
+                          f"{timeout:.0f}s; measuring anyway[/yellow]")
+            return
+        await asyncio.sleep(0.2)
+
+
+# -- the load ----------------------------------------------------------------------------
+
+
+class Load:
+    """Starts workflows and keeps the client-side counts (the truth about completion
+    comes from the database, not from here)."""
+
+    def __init__(self, opts: BenchOptions, engine: Any, run_id: str) -> None:
+        self.opts = opts
+        self.engine = engine
+        self.run_id = run_id
+        rng = random.Random(opts.seed)
+        self.rng = rng
+        self.tenants = [f"bench-t{i:05d}" for i in range(opts.tenants)]
+        weights = ([1.0 / (k + 1) ** opts.zipf_s for k in range(opts.tenants)]
+                   if opts.skew == "zipf" else [1.0] * opts.tenants)
+        total = 0.0
+        self.cum: list[float] = []
+        for w in weights:
+            total += w
+            self.cum.append(total)
+        # incompressible-ish payload (Postgres compresses large jsonb; repeated 'x'
+        # would make the WAL figures look better than real data does)
+        self.payload = rng.randbytes(opts.payload_bytes).hex()[:opts.payload_bytes]
+        self.submitted = 0
+        self.start_errors = 0
+        self.result_errors = 0
+        self.last_error = ""
+        self.done = False
+        self.t0 = 0.0
+        # start lag: commit of the start minus its scheduled time (open loop); shows
+        # when the client or the start path could not keep to the schedule
+        self.start_lag = HdrHistogram(1, HIST_MAX_US, 3)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def tenant(self) -> str:
+        return self.rng.choices(self.tenants, cum_weights=self.cum)[0]
+
+    async def start_one(self, i: int, due: float | None) -> Any:
+        try:
+            h = await self.engine.start(WORKFLOW_NAME, self.opts.steps, self.payload,
+                                        tenant=self.tenant(),
+                                        workflow_id=f"{self.run_id}-{i}")
+        except Exception as exc:  # counted and shown: a load test must not stop on one
+            self.start_errors += 1
+            self.last_error = f"start: {type(exc).__name__}: {exc}"[:200]
+            return None
+        self.submitted += 1
+        if due is not None:
+            lag = int((asyncio.get_running_loop().time() - due) * 1e6)
+            self.start_lag.record_value(min(max(lag, 1), HIST_MAX_US))
+        return h
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.t0 = loop.time()
+        if self.opts.concurrency is None:
+            await self._open_loop(loop)
+        else:
+            await self._closed_loop(loop)
+        self.done = True
+
+    def _more(self, i: int, loop: asyncio.AbstractEventLoop) -> bool:
+        if self.opts.workflows is not None:
+            return i < self.opts.workflows
+        return loop.time() - self.t0 < self.opts.duration
+
+    async def _open_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arrival i is due at t0 + i/rate, whatever happened to the earlier ones: each
+        start runs in its own task, and a late loop catches up at once."""
+        rate = self.opts.effective_rate
+        i = 0
+        while True:
+            due = self.t0 + i / rate
+            if self.opts.workflows is not None and i >= self.opts.workflows:
+                break
+            if self.opts.workflows is None and due - self.t0 >= self.opts.duration:
+                break
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            t = asyncio.create_task(self.start_one(i, due))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+            i += 1
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+
+    async def _closed_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """N clients, each starting a workflow and waiting for its result: throughput
+        is then bounded by latency (and by handle.result's polling), by design."""
+        counter = iter(range(sys.maxsize))
+
+        async def client() -> None:
+            while True:
+                i = next(counter)
+                if not self._more(i, loop):
+                    return
+                h = await self.start_one(i, None)
+                if h is None:
+                    continue
+                try:
+                    await h.result(timeout=self.opts.drain_timeout)
+                except Exception as exc:
+                    self.result_errors += 1
+                    self.last_error = f"result: {type(exc).__name__}: {exc}"[:200]
+
+        await asyncio.gather(*(client() for _ in range(self.opts.concurrency or 1)))
+
+
+POLL_SQL = f"""
+SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS backlog,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status IN ('failed', 'dead', 'cancelled')) AS failed
+  FROM shardflow.workflows
+ WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1
+"""
+# Latencies of the rows finished since the last poll, for the live percentiles. The
+# window reaches 2 s back (and the caller drops rows it has seen) because finished_at is
+# the finishing transaction's start time: a row may commit after a later poll's now().
+LIVE_LATENCY_SQL = f"""
+SELECT workflow_id, finished_at,
+       (extract(epoch FROM finished_at - created_at) * 1000000)::bigint AS us
+  FROM shardflow.workflows
+ WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1 AND status = 'succeeded'
+   AND ($2::timestamptz IS NULL OR finished_at > $2::timestamptz - interval '2 seconds')
+"""
+
+
+class Monitor:
+    """Polls every node once a second (one scan of this run's rows per node) and
+    renders the live dashboard."""
+
+    def __init__(self, nodes: list[NodeState], load: Load, pattern: str) -> None:
+        self.nodes = nodes
+        self.load = load
+        self.pattern = pattern
+        self.live_hist = HdrHistogram(1, HIST_MAX_US, 3)
+        self.seen: set[str] = set()
+        self.samples: list[tuple[float, int, int]] = []  # (t, submitted, completed)
+        self.completed_rate = 0.0
+        self.submitted_rate = 0.0
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TaskProgressColumn(), TextColumn("{task.fields[note]}"))
+        total = load.opts.workflows or load.opts.duration * (
+            load.opts.effective_rate if load.opts.concurrency is None else 1)
+        self.task = self.progress.add_task("completed", total=total, note="")
+
+    @property
+    def completed(self) -> int:
+        return sum(n.succeeded for n in self.nodes)
+
+    @property
+    def failed(self) -> int:
+        return sum(n.failed for n in self.nodes)
+
+    @property
+    def backlog(self) -> int:
+        return sum(n.backlog for n in self.nodes)
+
+    async def poll(self) -> None:
+        for n in self.nodes:
+            row = await n.conn.fetchrow(POLL_SQL, self.pattern)
+            n.backlog, n.succeeded, n.failed = row["backlog"], row["succeeded"], row["failed"]
+            for r in await n.conn.fetch(LIVE_LATENCY_SQL, self.pattern, n.last_finished):
+                if r["workflow_id"] in self.seen:
+                    continue
+                self.seen.add(r["workflow_id"])
+                self.live_hist.record_value(min(max(int(r["us"]), 1), HIST_MAX_US))
+                if n.last_finished is None or r["finished_at"] > n.last_finished:
+                    n.last_finished = r["finished_at"]
+        now = time.monotonic()
+        self.samples.append((now, self.load.submitted, self.completed))
+        if len(self.samples) >= 2:
+            (t0, s0, c0), (t1, s1, c1) = self.samples[-2], self.samples[-1]
+            self.completed_rate = (c1 - c0) / max(t1 - t0, 1e-6)
+            self.submitted_rate = (s1 - s0) / max(t1 - t0, 1e-6)
+        opts = self.load.opts
+        if self.load.done:
+            self.progress.update(self.task, total=max(self.load.submitted, 1),
+                                 completed=self.completed + self.failed, note="draining")
+        elif opts.workflows is not None or opts.concurrency is None:
+            self.progress.update(self.task, completed=self.completed + self.failed,
+                                 note=f"{now - self.samples[0][0]:.0f}s")
+        else:
+            self.progress.update(self.task, completed=now - self.samples[0][0],
+                                 note=f"{now - self.samples[0][0]:.0f}s")
+
+    def render(self) -> Group:
+        t = Table(title=f"shardflow bench {self.load.run_id} ({self.load.opts.mode} loop)")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        h = self.live_hist
+        t.add_row("submitted/s", f"{self.submitted_rate:,.0f}")
+        t.add_row("completed/s", f"{self.completed_rate:,.0f}")
+        t.add_row("submitted / completed", f"{self.load.submitted:,} / {self.completed:,}")
+        t.add_row("latency p50 / p99 so far",
+                  "-" if h.get_total_count() == 0 else
+                  f"{h.get_value_at_percentile(50) / 1000:.1f} / "
+                  f"{h.get_value_at_percentile(99) / 1000:.1f} ms")
+        t.add_row("backlog per node (pending+running)",
+                  "  ".join(f"{n.spec.name}:{n.backlog}" for n in self.nodes))
+        errors = self.load.start_errors + self.load.result_errors + self.failed
+        t.add_row("errors", f"[red]{errors}[/red]" if errors else "0")
+        if self.load.last_error:
+            t.add_row("last error", self.load.last_error[:80])
+        return Group(t, self.progress)
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {"cpus": os.cpu_count(), "mem_gb": round(mem_kb / 1024 / 1024, 1)}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _primaries(spec: ClusterSpec) -> list[NodeSpec]:
+    return [n for n in spec.nodes if n.role in ("primary", "coordinator")]
+
+
+async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subprocess.Popen[bytes]],
+                     run_id: str, console: Console) -> dict[str, Any]:
+    flows = _load_benchflows()
+    config = EngineConfig(**opts.engine_config)
+    engine = flows.make_engine(Path(opts.cluster_file), config=config, run_workers=False)
+    pattern = f"{run_id}-%"
+    nodes: list[NodeState] = []
+    try:
+        for ns in _primaries(spec):
+            conn = await asyncpg.connect(ns.dsn)
+            node = NodeState(ns, conn)
+            nodes.append(node)
+            node.postmaster = await postmaster_pid(ns, conn)
+            node.has_pss = bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')"))
+        first = nodes[0].conn
+        pg_version = str(await first.fetchval("SHOW server_version"))
+        pg_settings = {r["name"]: r["value"] for r in await first.fetch(
+            "SELECT name, current_setting(name) AS value FROM pg_settings "
+            "WHERE name = ANY($1::text[]) ORDER BY name", list(POSTGRES_SETTINGS))}
+        await engine.open()
+        await _wait_ready(nodes, procs, opts.ready_timeout, console)
+        load = Load(opts, engine, run_id)
+        monitor = Monitor(nodes, load, pattern)
+        before = await _snapshot(nodes, [p.pid for p in procs])
+        await monitor.poll()
+        load_task = asyncio.create_task(load.run())
+        drain_deadline: float | None = None
+        with Live(monitor.render(), console=console, refresh_per_second=2,
+                  transient=False) as live:
+            while True:
+                await asyncio.sleep(1.0)
+                if load_task.done() and drain_deadline is None:
+                    load_task.result()  # a bug in the load generator must surface
+                    drain_deadline = time.monotonic() + opts.drain_timeout
+                await monitor.poll()
+                live.update(monitor.render())
+                if drain_deadline is not None:
+                    terminal = monitor.completed + monitor.failed
+                    if monitor.backlog == 0 and terminal >= load.submitted:
+                        break
+                    if time.monotonic() > drain_deadline:
+                        console.print(f"[red]drain timeout: {monitor.backlog} workflows "
+                                      f"still pending or running[/red]")
+                        break
+        after = await _snapshot(nodes, [p.pid for p in procs])
+        wal = 0
+        for n, a, b in zip(nodes, before["wal"], after["wal"], strict=True):
+            # LSNs travel as text: asyncpg has no codec for pg_lsn parameters
+            wal += int(await n.conn.fetchval(
+                "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", b, a))
+        # The final read: every row of this run on every node.
+        rows: list[tuple[str, str, float, float | None]] = []
+        dup_keys = effect_rows = effect_keys = 0
+        per_node: dict[str, dict[str, int]] = {}
+        for n in nodes:
+            recs = await n.conn.fetch(
+                "SELECT workflow_id, status, extract(epoch FROM created_at)::float8 AS c, "
+                "extract(epoch FROM finished_at)::float8 AS f FROM shardflow.workflows "
+                f"WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1", pattern)
+            rows += [(r["workflow_id"], r["status"], r["c"], r["f"]) for r in recs]
+            per_node[n.spec.name] = dict(Counter(r["status"] for r in recs))
+            e = await n.conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE k > 1) AS dup, coalesce(sum(k), 0) AS total, "
+                "count(*) AS keys FROM (SELECT count(*) AS k FROM public.bench_effects "
+                "WHERE workflow_id LIKE $1 GROUP BY tenant_id, workflow_id, seq) x", pattern)
+            dup_keys += int(e["dup"])
+            effect_rows += int(e["total"])
+            effect_keys += int(e["keys"])
+        return {
+            "load": load, "monitor": monitor, "before": before, "after": after, "wal": wal,
+            "rows": rows, "dup_keys": dup_keys, "effect_rows": effect_rows,
+            "effect_keys": effect_keys, "per_node": per_node, "pg_version": pg_version,
+            "pg_settings": pg_settings, "stmts_available": all(n.has_pss for n in nodes),
+            "db_cpu_available": all(n.postmaster is not None for n in nodes),
+        }
+    finally:
+        await engine.close()
+        for n in nodes:
+            await n.conn.close()
+
+
+def _pct(h: HdrHistogram, p: float) -> float:
+    return round(h.get_value_at_percentile(p) / 1000, 3) if h.get_total_count() else 0.0
+
+
+def _per_wf(value: int | None, completed: int, digits: int = 1) -> float | None:
+    if value is None or completed == 0:
+        return None
+    return round(value / completed, digits)
+
+
+def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
+    """Run one benchmark; write its report; return ``{"summary", "audit",
+    "report_dir"}`` (``summary`` is what summary.json holds)."""
+    spec = clusterfile.load(Path(opts.cluster_file))
+    nodes = _primaries(spec)
+    scenario = opts.scenario or f"bench-{len(nodes)}n-{opts.tenants}t-{opts.steps}s"
+    date = dt.date.today().isoformat()
+    report_dir = Path(opts.results_dir) / f"{date}-{scenario}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    flows = _load_benchflows()
+    for n in nodes:
+        _prepare_node(n.dsn, opts.clean, flows.EFFECTS_DDL)
+    run_id = "b" + uuid.uuid4().hex[:10]
+    load_desc = (f"concurrency {opts.concurrency}" if opts.concurrency is not None
+                 else f"{opts.effective_rate:g}/s")
+    console.print(f"bench {run_id}: {len(nodes)} nodes, {spec.shard_map.shard_count} shards, "
+                  f"{opts.worker_processes} worker processes, {opts.mode} loop ({load_desc})")
+    procs = _start_workers(opts, report_dir)
+    try:
+        res = asyncio.run(_run_async(opts, spec, procs, run_id, console))
+    finally:
+        exit_codes = _stop_workers(procs)
+        for log in report_dir.glob("worker-*.log"):
+            if log.stat().st_size == 0:
+                log.unlink()  # keep only logs that say something
+
+    load: Load = res["load"]
+    rows: list[tuple[str, str, float, float | None]] = res["rows"]
+    status = Counter(r[1] for r in rows)
+    completed = status["succeeded"]
+    failed = status["failed"] + status["dead"] + status["cancelled"]
+    hist = HdrHistogram(1, HIST_MAX_US, 3)
+    done_rows = [r for r in rows if r[1] == "succeeded" and r[3] is not None]
+    for r in done_rows:
+        hist.record_value(min(max(round((float(r[3] or 0) - r[2]) * 1e6), 1), HIST_MAX_US))
+    t_first = min((r[2] for r in rows), default=0.0)
+    t_last = max((float(r[3] or 0) for r in done_rows), default=t_first)
+    duration = max(t_last - t_first, 1e-6)
+    before, after = res["before"], res["after"]
+    db_cpu = _delta(before["db_cpu"], after["db_cpu"])
+    calls = _delta(before["calls"], after["calls"])
+    worker_cpu = _delta(before["worker_cpu"], after["worker_cpu"])
+    config = EngineConfig(**opts.engine_config)
+    summary: dict[str, Any] = {
+        "workflows_per_sec": round(completed / duration, 1) if completed else 0.0,
+        "completed": completed,
+        "failed": failed,
+        "duplicates": res["dup_keys"],
+        "latency_ms": {"p50": _pct(hist, 50), "p90": _pct(hist, 90), "p99": _pct(hist, 99),
+                       "p999": _pct(hist, 99.9),
+                       "max": round(hist.get_max_value() / 1000, 3) if completed else 0.0},
+        "db_cpu_us_per_workflow": _per_wf(db_cpu, completed),
+        "wal_bytes_per_workflow": _per_wf(res["wal"], completed),
+        "worker_cpu_us_per_workflow": _per_wf(worker_cpu, completed),
+        "statements_per_workflow": _per_wf(calls, completed, 2),
+        "nodes": len(nodes),
+        "shards": spec.shard_map.shard_count,
+        "tenants": opts.tenants,
+        "steps": opts.steps,
+        "duration_s": round(duration, 3),
+        "machine": _machine(),
+        "versions": {"python": platform.python_version(), "postgres": res["pg_version"],
+                     "shardflow": __version__},
+        "settings": {
+            "engine": dataclasses.asdict(config),
+            "postgres": res["pg_settings"],
+            "bench": {"mode": opts.mode, "rate": opts.effective_rate if opts.mode == "open"
+                      else None, "concurrency": opts.concurrency, "duration": opts.duration,
+                      "workflows": opts.workflows, "skew": opts.skew,
+                      "zipf_s": opts.zipf_s if opts.skew == "zipf" else None,
+                      "payload_bytes": opts.payload_bytes,
+                      "worker_processes": opts.worker_processes, "seed": opts.seed},
+        },
+    }
+    assert tuple(summary) == SUMMARY_FIELDS
+    started = load.submitted
+    audit = {
+        "started": started,
+        "rows": len(rows),
+        "completed": completed,
+        "failed": failed,
+        "unfinished": status["pending"] + status["running"],
+        "duplicates": res["dup_keys"],
+        "effect_rows": res["effect_rows"],
+        "effect_keys": res["effect_keys"],
+        "start_errors": load.start_errors,
+        "result_errors": load.result_errors,
+        "per_node": res["per_node"],
+        "worker_exit_codes": exit_codes,
+    }
+    audit["ok"] = (completed == started == len(rows) == res["effect_keys"]
+                   and failed == 0 and res["dup_keys"] == 0 and load.start_errors == 0)
+    extras = {
+        "run_id": run_id, "hist": hist, "start_lag": load.start_lag,
+        "client_cpu_us": after["client_cpu"] - before["client_cpu"],
+        "window_s": after["at"] - before["at"], "rows": rows, "scenario": scenario,
+        "stmts_available": res["stmts_available"],
+        "db_cpu_available": res["db_cpu_available"],
+        "cpu_model": _cpu_model(),
+    }
+    _write_report(report_dir, opts, summary, audit, extras)
+    _print_summary(console, summary, audit, report_dir)
+    return {"summary": summary, "audit": audit, "report_dir": report_dir}
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.1f}{unit}"
+    return f"{v:,}{unit}" if isinstance(v, int) else f"{v}{unit}"
+
+
+def _figure_rows(summary: dict[str, Any], audit: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = summary["latency_ms"]
+    return [
+        ("throughput", f"{summary['workflows_per_sec']:,.1f} workflows/s "
+                       f"(completed / first start to last completion)"),
+        ("completed / started", f"{audit['completed']:,} / {audit['started']:,}"),
+        ("failed / duplicates / unfinished",
+         f"{summary['failed']} / {summary['duplicates']} / {audit['unfinished']}"),
+        ("latency p50 / p90 / p99 / p99.9 / max",
+         f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} / {lat['p999']:.1f} / "
+         f"{lat['max']:.1f} ms"),
+        ("Postgres CPU per workflow", _fmt(summary["db_cpu_us_per_workflow"], " µs")),
+        ("WAL per workflow", _fmt(summary["wal_bytes_per_workflow"], " bytes")),
+        ("statements per workflow", _fmt(summary["statements_per_workflow"])),
+        ("worker CPU per workflow", _fmt(summary["worker_cpu_us_per_workflow"], " µs")),
+        ("nodes / shards / tenants / steps",
+         f"{summary['nodes']} / {summary['shards']} / {summary['tenants']} / "
+         f"{summary['steps']}"),
+        ("duration", f"{summary['duration_s']:.1f} s"),
+    ]
+
+
+def _plots(report_dir: Path, rows: list[tuple[str, str, float, float | None]],
+           hist: HdrHistogram) -> str | None:
+    """throughput.png and latency.png; returns a note when they could not be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable: no plots (pip install matplotlib)"
+    if not rows:
+        return "no workflows: no plots"
+    t0 = min(r[2] for r in rows)
+    starts: Counter[int] = Counter(int(r[2] - t0) for r in rows)
+    done = [r for r in rows if r[1] == "succeeded" and r[3] is not None]
+    ends: Counter[int] = Counter(int(float(r[3] or 0) - t0) for r in done)
+    secs = list(range(max([*starts, *ends]) + 1))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(secs, [starts[s] for s in secs], label="started/s (start committed)")
+    ax.plot(secs, [ends[s] for s in secs], label="completed/s (completion committed)")
+    ax.set_xlabel("seconds since the first start")
+    ax.set_ylabel("workflows per second")
+    ax.set_title("throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    by_sec: dict[int, list[float]] = {}
+    for r in done:
+        by_sec.setdefault(int(float(r[3] or 0) - t0), []).append((float(r[3] or 0) - r[2]) * 1e3)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    ps = [50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100]
+    a1.plot([1 / (1 - p / 100) if p < 100 else 1e5 for p in ps],
+            [hist.get_value_at_percentile(p) / 1000 for p in ps], marker="o")
+    a1.set_xscale("log")
+    a1.set_xticks([1 / (1 - p / 100) if p < 100 else 1e5 for p in ps])
+    a1.set_xticklabels([f"p{p:g}" if p < 100 else "max" for p in ps], rotation=45)
+    a1.set_ylabel("latency (ms)")
+    a1.set_title("latency distribution (start commit to completion commit)")
+    a1.grid(alpha=0.3)
+    xs = sorted(by_sec)
+
+    def q(vals: list[float], p: float) -> float:
+        s = sorted(vals)
+        return s[min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1)]
+
+    for p in (50, 99):
+        a2.plot(xs, [q(by_sec[x], p) for x in xs], label=f"p{p}")
+    a2.set_xlabel("seconds since the first start (by completion)")
+    a2.set_ylabel("latency (ms)")
+    a2.set_title("latency over time")
+    a2.grid(alpha=0.3)
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "latency.png", dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _write_report(report_dir: Path, opts: BenchOptions, summary: dict[str, Any],
+                  audit: dict[str, Any], extras: dict[str, Any]) -> None:
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (report_dir / "audit.json").write_text(json.dumps(audit, indent=2) + "\n")
+    buf = io.BytesIO()
+    # values recorded in µs, written in ms (the usual .hgrm unit, as wrk2 and the
+    # HdrHistogram plotter expect)
+    extras["hist"].output_percentile_distribution(buf, 1000)
+    (report_dir / "latency_ms.hgrm").write_bytes(buf.getvalue())
+    plot_note = _plots(report_dir, extras["rows"], extras["hist"])
+    lag: HdrHistogram = extras["start_lag"]
+    m, v = summary["machine"], summary["versions"]
+    lines = [
+        f"# {extras['scenario']} ({dt.date.today().isoformat()}, run {extras['run_id']})",
+        "",
+        f"Audit: **{'passed' if audit['ok'] else 'FAILED'}**: {audit['started']:,} started, "
+        f"{audit['completed']:,} completed (committed), {audit['failed']} failed, "
+        f"{audit['duplicates']} duplicate transactional effects, {audit['unfinished']} "
+        f"unfinished, {audit['start_errors']} start errors.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {k} | {val} |" for k, val in _figure_rows(summary, audit)),
+        "",
+        "## How it was measured",
+        "",
+        f"* Load: {opts.mode} loop, "
+        + (f"{opts.effective_rate:g} starts/s on a fixed schedule (open loop: no coordinated "
+           f"omission); start lag p50/p99/max {lag.get_value_at_percentile(50) / 1000:.1f} / "
+           f"{lag.get_value_at_percentile(99) / 1000:.1f} / {lag.get_max_value() / 1000:.1f} ms"
+           if opts.mode == "open" else
+           f"{opts.concurrency} clients each waiting on handle.result (closed loop: "
+           "throughput is bounded by latency and result polling)")
+        + f"; {opts.tenants} tenants ({opts.skew}); {opts.steps} steps "
+        f"({opts.steps - 1} external + 1 transactional); {opts.payload_bytes} payload bytes.",
+        "* Latency: `finished_at - created_at` of each workflow row, read from every node at "
+        "the end (start commit to completion commit); histogram in `latency_ms.hgrm`.",
+        f"* Costs over the measured window ({extras['window_s']:.1f} s, workers up to "
+        "backlog drained), divided by completed workflows: Postgres CPU = utime+stime of "
+        "every server process of every node incl. exited children (/proc); WAL = "
+        "`pg_wal_lsn_diff` of `pg_current_wal_lsn()` per node; statements = "
+        "`pg_stat_statements` calls in the database (utility statements included"
+        + ("" if extras["stmts_available"] else "; **extension absent: n/a**")
+        + "); worker CPU = utime+stime of the worker processes (/proc)."
+        + ("" if extras["db_cpu_available"] else " **Postgres CPU n/a: servers not local.**"),
+        "* The bench's own once-a-second poll (one scan of the run's rows per node) is "
+        "included in the Postgres figures.",
+        f"* Load generator (client) CPU: {extras['client_cpu_us'] / 1e6:.2f} s "
+        f"({_fmt(_per_wf(extras['client_cpu_us'], audit['completed']), ' µs')} per workflow),"
+        " not included above.",
+        "",
+        "## Machine and versions",
+        "",
+        f"{m['cpus']} CPUs ({extras['cpu_model']}), {m['mem_gb']} GB RAM; "
+        f"{platform.system()} {platform.release()}; Python {v['python']}, "
+        f"PostgreSQL {v['postgres']}, shardflow {v['shardflow']}. All nodes, workers and the "
+        "load generator share this machine.",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(summary["settings"], indent=2),
+        "```",
+        "",
+        "## Command",
+        "",
+        "```sh",
+        opts.command_line(),
+        "```",
+        "",
+        "## Plots",
+        "",
+        *([f"_{plot_note}_"] if plot_note else
+          ["![throughput](throughput.png)", "", "![latency](latency.png)"]),
+        "",
+    ]
+    (report_dir / "report.md").write_text("\n".join(lines))
+    _update_index(Path(opts.results_dir), report_dir, summary, audit, opts)
+
+
+INDEX_HEADER = [
+    "# Benchmark results",
+    "",
+    "One row per run directory (`python -m shardflow.bench`, see `loadtest/README.md`); "
+    "a re-run of the same scenario on the same day replaces its row.",
+    "",
+    "| run | mode | nodes | tenants | steps | workflows/s | p50 ms | p99 ms | "
+    "PG CPU µs/wf | WAL B/wf | stmts/wf | worker CPU µs/wf | audit |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _update_index(results_dir: Path, report_dir: Path, summary: dict[str, Any],
+                  audit: dict[str, Any], opts: BenchOptions) -> None:
+    index = results_dir / "README.md"
+    name = report_dir.name
+    lat = summary["latency_ms"]
+    mode = (f"open {opts.effective_rate:g}/s" if opts.mode == "open"
+            else f"closed c={opts.concurrency}")
+    row = (f"| [{name}]({name}/report.md) | {mode} | {summary['nodes']} | "
+           f"{summary['tenants']} | {summary['steps']} | {summary['workflows_per_sec']:,.1f} | "
+           f"{lat['p50']:.1f} | {lat['p99']:.1f} | {_fmt(summary['db_cpu_us_per_workflow'])} | "
+           f"{_fmt(summary['wal_bytes_per_workflow'])} | "
+           f"{_fmt(summary['statements_per_workflow'])} | "
+           f"{_fmt(summary['worker_cpu_us_per_workflow'])} | "
+           f"{'ok' if audit['ok'] else 'FAILED'} |")
+    rows: list[str] = []
+    if index.exists():
+        lines = index.read_text().splitlines()
+        # keep the rows of other runs (table rows after the separator line)
+        rows = [ln for ln in lines if ln.startswith("| [") and f"[{name}]" not in ln]
+    rows.append(row)
+    rows.sort()
+    index.write_text("\n".join([*INDEX_HEADER, *rows]) + "\n")
+
+
+def _print_summary(console: Console, summary: dict[str, Any], audit: dict[str, Any],
+                   report_dir: Path) -> None:
+    t = Table(title="shardflow bench")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in _figure_rows(summary, audit):
+        t.add_row(k, v)
+    console.print(t)
+    console.print("[green]audit passed[/green]" if audit["ok"] else
+                  f"[red]audit FAILED[/red] {json.dumps(audit)}")
+    console.print(f"report: {report_dir}")
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> BenchOptions:
+    p = argparse.ArgumentParser(prog="python -m shardflow.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster-file", type=Path, default=Path(".shardflow/cluster.json"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rate", type=float, help="open loop: starts per second (default 200)")
+    g.add_argument("--concurrency", type=int, help="closed loop: concurrent clients")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals")
+    p.add_argument("--workflows", type=int, help="stop after this many starts instead")
+    p.add_argument("--tenants", type=int, default=100)
+    p.add_argument("--skew", choices=("uniform", "zipf"), default="uniform")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--payload-bytes", type=int, default=100)
+    p.add_argument("--worker-processes", type=int, default=2)
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--scenario")
+    p.add_argument("--engine-config", default="{}",
+                   help='EngineConfig fields as JSON, e.g. \'{"claim_batch": 128}\'')
+    p.add_argument("--drain-timeout", type=float, default=120.0)
+    p.add_argument("--keep-old", action="store_true",
+                   help="keep earlier bench rows (default: delete them before the run)")
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    return BenchOptions(
+        cluster_file=a.cluster_file, rate=a.rate, concurrency=a.concurrency,
+        duration=a.duration, workflows=a.workflows, tenants=a.tenants, skew=a.skew,
+        zipf_s=a.zipf_s, steps=a.steps, payload_bytes=a.payload_bytes,
+        worker_processes=a.worker_processes, results_dir=a.results_dir, scenario=a.scenario,
+        engine_config=json.loads(a.engine_config), drain_timeout=a.drain_timeout,
+        clean=not a.keep_old, seed=a.seed)
+
+
+def main(argv: list[str] | None = None,
+         console_factory: Callable[[], Console] = Console) -> int:
+    opts = parse_args(argv)
+    result = run_bench(opts, console_factory())
+    return 0 if result["audit"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
