@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -201,6 +202,10 @@ class LocalCluster:
         self.dir = Path(directory or clusterfile.DEFAULT_DIR).absolute()
         self.file = self.dir / clusterfile.FILE_NAME
         self._log = log or (lambda _msg: None)
+        # where node directories live: the cluster dir, unless the postgres user cannot
+        # reach it (then under its home); for an existing cluster, from cluster.json
+        self._root = self.dir
+        self._node_dirs: dict[str, Path] = {}
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -246,14 +251,21 @@ class LocalCluster:
             os.chmod(self.dir, 0o755)
             probe = run_as_postgres(["test", "-w", str(self.dir)], timeout=10)
             if probe.returncode != 0:
-                raise ClusterError(
-                    f"data dir {self.dir} is not reachable by the postgres user "
-                    "(a parent directory is not searchable); choose another --dir"
-                )
+                # e.g. a clone under /root (mode 700): the servers cannot reach it. Keep
+                # cluster.json here, put the node data under the postgres user's home.
+                home = Path(pw.pw_dir) / "shardflow" / hashlib.sha256(
+                    str(self.dir).encode()).hexdigest()[:12]
+                home.mkdir(parents=True, exist_ok=True)
+                for d in (home.parent, home):
+                    os.chown(d, pw.pw_uid, pw.pw_gid)
+                self._root = home
+                self._log(f"{self.dir} is not reachable by the postgres user: node data "
+                          f"goes to {home}")
         return created
 
     def node_dir(self, name: str) -> Path:
-        return self.dir / name
+        known = self._node_dirs.get(name)
+        return known if known is not None else self._root / name
 
     def _write_conf(self, pgdata: Path, port: int, sockdir: Path, *, citus: bool) -> None:
         conf = dict(POSTGRES_SETTINGS)
@@ -320,7 +332,9 @@ class LocalCluster:
     # -- public operations -------------------------------------------------------------
 
     def load(self) -> ClusterSpec:
-        return clusterfile.load(self.file)
+        spec = clusterfile.load(self.file)
+        self._node_dirs = {n.name: Path(n.data_dir).parent for n in spec.nodes if n.data_dir}
+        return spec
 
     def up(
         self,
@@ -409,11 +423,10 @@ class LocalCluster:
             for name in started:
                 with contextlib.suppress(ClusterError):
                     self._stop_node(bins, name)
+            for name in names:
+                shutil.rmtree(self.node_dir(name), ignore_errors=True)
             if created:
                 shutil.rmtree(self.dir, ignore_errors=True)
-            else:
-                for name in names:
-                    shutil.rmtree(self.node_dir(name), ignore_errors=True)
             raise
 
     def _choose_ports(self, count: int, base_port: int | None) -> list[int]:
@@ -557,5 +570,10 @@ class LocalCluster:
                 self._stop_node(bins, name)
                 stopped.append(name)
         if purge:
+            for d in self._node_dirs.values():
+                shutil.rmtree(d, ignore_errors=True)
+                if d.parent != self.dir:
+                    with contextlib.suppress(OSError):
+                        d.parent.rmdir()  # the per-cluster dir under postgres's home
             shutil.rmtree(self.dir, ignore_errors=True)
         return stopped

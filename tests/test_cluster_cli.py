@@ -124,3 +124,22 @@ def test_unwritable_data_dir_is_refused(tmp: Path) -> None:
     blocker = tmp / "file"
     blocker.write_text("")
     assert_one_line_error(sf("cluster", "up", "--dir", str(blocker / "c")), "cannot create data dir")
+
+
+def test_a_dir_the_postgres_user_cannot_reach_still_works(tmp: Path) -> None:
+    """Run as root from a clone under a 0700 directory (like /root): cluster.json stays
+    there, the node data goes under the postgres user's home, and down --purge cleans up."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs servers as another user")
+    private = tmp / "private"
+    private.mkdir(mode=0o700)
+    d = str(private / "c")
+    up = sf("cluster", "up", "--nodes", "1", "--shards", "4", "--dir", d)
+    assert up.returncode == 0, up.stderr
+    spec = json.loads((private / "c" / "cluster.json").read_text())
+    data_dir = Path(spec["nodes"][0]["data_dir"])
+    assert not str(data_dir).startswith(str(private)) and data_dir.is_dir()
+    rows = json.loads(sf("cluster", "status", "--dir", d, "--json").stdout)
+    assert [r["running"] for r in rows] == [True]
+    assert sf("cluster", "down", "--dir", d, "--purge").returncode == 0
+    assert not data_dir.exists() and not data_dir.parent.parent.exists()
