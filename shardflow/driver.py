@@ -71,6 +71,13 @@ async def _with_retry(
     raise AssertionError("unreachable")
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's default reset on release (UNLISTEN *, RESET ALL, ...): one extra
+    round trip per pool use, and shardflow never changes session state on a pooled
+    connection (LISTEN runs on connections of its own). Transaction steps that set
+    configuration must use SET LOCAL, which ends with their transaction."""
+
+
 class Driver:
     """Pools for every node of a cluster, routed by the shard map."""
 
@@ -98,7 +105,7 @@ class Driver:
             try:
                 node.pool = await asyncpg.create_pool(
                     node.spec.dsn, min_size=1, max_size=self._pool_size,
-                    max_inactive_connection_lifetime=60,
+                    max_inactive_connection_lifetime=60, reset=_keep_session,
                 )
                 return
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
