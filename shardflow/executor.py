@@ -209,10 +209,9 @@ class Worker:
                 await asyncio.sleep(self.cfg.poll_interval)
             for row in rows:
                 self._spawn(node, row)
-            if len(rows) >= limit:
-                # a full batch: these shards probably have more
-                hot.update(r["shard_id"] for r in rows)
-                continue
+            # shards that gave work may have more (a claim takes at most per_tenant_batch
+            # from each tenant); shards that gave none wait for a notify or the next sweep
+            hot.update(r["shard_id"] for r in rows)
             if not hot:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -148,3 +148,18 @@ async def test_notify_wakes_the_shard_owner_without_polling(db: PerTestDB) -> No
         h = await client.start("quick", 4, tenant="notify-me")
         assert await h.result(timeout=10) == 8
         assert time.monotonic() - t0 < 10
+
+
+async def test_a_single_tenant_backlog_drains_between_sweeps(db: PerTestDB) -> None:
+    """A claim takes at most per_tenant_batch from a tenant; the shard stays 'hot' while it
+    yields work, so a one-tenant backlog drains without waiting for full sweeps."""
+    eng = db.engine(config=dataclasses.replace(FAST, sweep_interval=60.0, poll_interval=60.0))
+
+    @eng.workflow(name="solo")
+    async def solo(i: int) -> int:
+        return i
+
+    async with eng:
+        await asyncio.sleep(0.3)  # the start-up sweep is over
+        hs = [await eng.start(solo, i, tenant="solo-tenant") for i in range(200)]
+        assert await asyncio.gather(*(h.result(timeout=20) for h in hs)) == list(range(200))
