@@ -69,7 +69,7 @@ class Worker:
         # batch). Claims visit only these; all owned shards are swept every
         # sweep_interval, because visiting ~100 partitions costs ~10 ms of database CPU.
         self._hot: dict[str, set[int]] = {}
-        self._sweep_now = True
+        self._sweep_now: set[str] = set()  # nodes whose claim loop should sweep at once
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class Worker:
     def wake(self, shard: int | None = None) -> None:
         """New work: in ``shard`` if known (claim it next), else anywhere (sweep all)."""
         if shard is None:
-            self._sweep_now = True
+            self._sweep_now.update(self._wake)
             for ev in self._wake.values():
                 ev.set()
             return
@@ -190,9 +190,9 @@ class Worker:
             limit = min(free, self.cfg.claim_batch)
             owned = set(self._shards(node))
             hot = self._hot.setdefault(node.name, set())
-            sweep = self._sweep_now or loop.time() >= next_sweep
+            sweep = node.name in self._sweep_now or loop.time() >= next_sweep
             if sweep:
-                self._sweep_now = False
+                self._sweep_now.discard(node.name)
                 next_sweep = loop.time() + self.cfg.sweep_interval
                 shards = sorted(owned)
             else:
