@@ -120,7 +120,8 @@ class WorkflowContext:
         try:
             return await self.engine.driver.fetchrow(self.node, query, *args)
         except ShardflowError as exc:
-            raise WorkflowInterrupt(f"checkpoint write {query} failed: {exc}") from exc
+            raise WorkflowInterrupt(f"checkpoint write {query} failed: {exc}",
+                                    release=True) from exc
 
     async def _finish_step(self, seq: int, name: str, kind: str, status: str,
                            output: str | None, error: str | None, retries: int = 0) -> None:
@@ -195,8 +196,8 @@ class WorkflowContext:
                     except asyncpg.PostgresError as exc:
                         # the checkpoint itself was refused (e.g. the shard moved away):
                         # not the step's fault; the rollback undoes the user's writes
-                        raise WorkflowInterrupt(f"checkpoint of {name!r} refused: {exc}"
-                                                ) from exc
+                        raise WorkflowInterrupt(f"checkpoint of {name!r} refused: {exc}",
+                                                release=True) from exc
                     if ok is None:
                         raise self._fenced_out(f"checkpoint of transaction {name!r}")
                 return json.loads(out)
@@ -210,7 +211,8 @@ class WorkflowContext:
                 # step exactly once). Bounded, then the workflow is left to recovery.
                 transient += 1
                 if transient > 10:
-                    raise WorkflowInterrupt(f"transaction {name!r}: {exc}") from exc
+                    raise WorkflowInterrupt(f"transaction {name!r}: {exc}", release=True
+                                            ) from exc
                 await asyncio.sleep(self._backoff(transient))
             except Exception as exc:
                 if isinstance(exc, InvalidArgument) or attempt >= retries:

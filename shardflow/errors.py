@@ -142,9 +142,13 @@ class WorkflowInterrupt(BaseException):
     able to swallow it and carry on writing checkpoints.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, release: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        # True when this worker still owns the workflow but cannot go on (a checkpoint
+        # write failed): it must hand the workflow back, or it would stay "running"
+        # under a live owner and never be recovered.
+        self.release = release
 
 
 # SQLSTATEs after which the same operation may simply be tried again: every

@@ -70,6 +70,7 @@ class Worker:
         # sweep_interval, because visiting ~100 partitions costs ~10 ms of database CPU.
         self._hot: dict[str, set[int]] = {}
         self._sweep_now: set[str] = set()  # nodes whose claim loop should sweep at once
+        self._to_release: list[context.WorkflowContext] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -241,10 +242,10 @@ class Worker:
             for node in self.engine.driver.nodes.values():
                 last = self._last_heartbeat.get(node.name, 0.0)
                 if now - last > self.cfg.lease_timeout:
-                    # Another worker may own these workflows now; their writes would be
-                    # fenced off anyway, so stop spending effort on them.
-                    for r in [r for r in self.running.values() if r.node is node]:
-                        r.task.cancel()
+                    # Our lease may have lapsed. The runs go on: if another worker took
+                    # a workflow over, its fence refuses our writes and the run stops;
+                    # if nobody did, cancelling here would leave it "running" for good.
+                    log.warning("no heartbeat on node %s for %.1fs", node.name, now - last)
                     continue
                 try:
                     await self._check_inflight(node)
@@ -271,6 +272,9 @@ class Worker:
         while True:
             await asyncio.sleep(self.cfg.recovery_interval)
             ticks += 1
+            pending, self._to_release = self._to_release, []
+            for ctx in pending:
+                await self._hand_back(ctx, "retried hand-back")
             for node in self.engine.driver.nodes.values():
                 if not self._shards(node):
                     continue
@@ -365,6 +369,8 @@ class Worker:
             await self._finish(ctx, "succeeded", out, None)
         except WorkflowInterrupt as exc:
             log.info("workflow %s/%s interrupted: %s", tenant, wf_id, exc.reason)
+            if exc.release:
+                await self._hand_back(ctx, exc.reason)
         except asyncio.CancelledError:
             # cancelled here (engine stopping, workflow cancelled or taken over): nothing
             # more is written; the database already says what happens next
@@ -375,11 +381,23 @@ class Worker:
             else:
                 await self._fail(ctx, exc)
         except RetryableDatabaseError as exc:
-            # the database went away under us: leave the workflow running; its lease
-            # lapses and a live worker (maybe us) recovers it from the last checkpoint
+            # the database went away under us: hand the workflow back to run again
+            # from its last checkpoint (a workflow left "running" under a live owner
+            # would never be recovered)
             log.warning("workflow %s/%s: %s", tenant, wf_id, exc)
+            await self._hand_back(ctx, str(exc))
         except Exception as exc:
             await self._fail(ctx, ctx.fatal if ctx.fatal is not None else exc)
+
+    async def _hand_back(self, ctx: context.WorkflowContext, reason: str) -> None:
+        """Put a workflow we still own back to pending (fenced), or keep trying from the
+        recovery loop while the database refuses."""
+        try:
+            await self.engine.driver.fetchrow(
+                ctx.node, "retry_workflow_later", ctx.tenant, ctx.shard, ctx.workflow_id,
+                ctx.fence, 0.1, f"handed back: {reason}"[:500])
+        except ShardflowError:
+            self._to_release.append(ctx)
 
     async def _fail(self, ctx: context.WorkflowContext, exc: BaseException) -> None:
         payload = error_payload(exc)
@@ -388,9 +406,11 @@ class Worker:
         try:
             await self._finish(ctx, "failed", None, payload)
         except ShardflowError as err:
-            # cannot record the failure now; the lease lapses and recovery retries it
+            # cannot record the failure now: hand the workflow back so it runs again
+            # (from its checkpoints) rather than staying "running" under a live owner
             log.warning("workflow %s/%s failed (%s) and the failure could not be "
                         "recorded: %s", ctx.tenant, ctx.workflow_id, payload["message"], err)
+            self._to_release.append(ctx)
 
 
 class _HeartbeatThread(threading.Thread):

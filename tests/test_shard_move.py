@@ -62,7 +62,11 @@ async def test_move_a_shard_under_load(db: PerTestDB, workers: Workers) -> None:
                 handles.append(await client.start("steady", j, tenant=t, workflow_id=f"{t}-{j}"))
         await asyncio.sleep(0.4)  # mid-flight
         report = await asyncio.to_thread(move_shard, db.cluster_spec(), shard, target)
-        results = await asyncio.gather(*(h.result(timeout=120) for h in handles))
+        try:
+            results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+        except TimeoutError:
+            _dump_state(db, shard)
+            raise
     assert results == [j for _ in movers + others for j in range(4)]
     assert report.source == source and report.target == target
     on_shard = 4 * len([t for t in movers + others if smap.shard(t) == shard])
