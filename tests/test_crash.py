@@ -269,3 +269,48 @@ async def test_worker_processes_stop_gracefully_on_sigterm(db: PerTestDB, worker
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+async def test_a_failed_checkpoint_write_hands_the_workflow_back(db: PerTestDB) -> None:
+    """When the database refuses a checkpoint write (fault injected once at the driver
+    boundary), the worker hands the workflow back; it re-runs from its checkpoints
+    instead of staying 'running' under a live owner forever."""
+    from shardflow import RetryableDatabaseError
+
+    eng = db.engine()
+    calls = {"n": 0}
+
+    @eng.step(name="once")
+    async def once() -> str:
+        calls["n"] += 1
+        return "ok"
+
+    @eng.workflow(name="hb")
+    async def hb() -> str:
+        return await once()
+
+    async with eng:
+        real = eng.driver.fetchrow
+        failed = {"done": False}
+
+        async def flaky(node: Any, query: str, *args: Any) -> Any:
+            if query == "step_finished" and not failed["done"]:
+                failed["done"] = True
+                raise RetryableDatabaseError("injected: connection lost", sqlstate="08006")
+            return await real(node, query, *args)
+
+        eng.driver.fetchrow = flaky  # type: ignore[method-assign]
+        h = await eng.start(hb, tenant="handback", workflow_id="hb1")
+        assert await h.result(timeout=20) == "ok"
+        info = await eng.get_info("handback", "hb1")
+    assert failed["done"] and info["attempts"] == 2
+    steps = await _steps(db, "handback", "hb1")
+    assert steps == [("once", 2)]  # the external step ran again, and that re-run is counted
+    assert calls["n"] == 2
+
+
+async def _steps(db: PerTestDB, tenant: str, wf: str) -> list[tuple[str, int]]:
+    with db.tenant_conn(tenant) as conn:
+        return [(r[0], r[1]) for r in conn.execute(
+            "SELECT name, attempts FROM shardflow.steps WHERE workflow_id = %s ORDER BY seq",
+            (wf,)).fetchall()]
