@@ -506,3 +506,28 @@ async def test_recv_timeout_survives_restart(db: PerTestDB) -> None:
     assert loop.time() - t0 < 2.0
     assert [(s["kind"], s["status"], s["output"]["message"]) for s in steps] == [
         ("recv", "done", None)]
+
+
+async def test_sync_client_starts_and_waits_like_the_engine(db: PerTestDB) -> None:
+    """The psycopg (sync) client starts by name with the same SQL and routing; an async
+    worker runs the workflow; the sync client reads its result and its errors."""
+    from shardflow.syncclient import SyncClient
+
+    eng = make_engine(db.dsns)
+    async with eng:
+        def drive() -> tuple[Any, ...]:
+            with SyncClient(dsns=db.dsns) as c:
+                wid = c.start("quick", 21, tenant="sync-t", workflow_id="s1")
+                again = c.start("quick", 99, tenant="sync-t", workflow_id="s1")
+                res = c.result("sync-t", wid, timeout=30)
+                bad = c.start("crashy", tenant="sync-t")  # missing argument: fails
+                with pytest.raises(WorkflowFailed, match="missing 1 required positional"):
+                    c.result("sync-t", bad, timeout=30)
+                with pytest.raises(WorkflowNotFound):
+                    c.status("sync-t", "nope")
+                with pytest.raises(InvalidTenant):
+                    c.start("quick", 1, tenant="")
+                return wid, again, res
+
+        wid, again, res = await asyncio.to_thread(drive)
+    assert (wid, again, res) == ("s1", "s1", 42)
