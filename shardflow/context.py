@@ -29,6 +29,7 @@ from .errors import (
     ShardflowError,
     StepError,
     WorkflowInterrupt,
+    is_retryable_sqlstate,
 )
 from .serde import dumps, error_payload, loads
 
@@ -194,6 +195,10 @@ class WorkflowContext:
                     except asyncpg.UniqueViolationError:
                         raise _AlreadyRecorded() from None
                     except asyncpg.PostgresError as exc:
+                        if is_retryable_sqlstate(exc.sqlstate):
+                            # a deadlock victim (e.g. of a shard move taking locks on
+                            # this node): rolled back, and retried below
+                            raise
                         # the checkpoint itself was refused (e.g. the shard moved away):
                         # not the step's fault; the rollback undoes the user's writes
                         raise WorkflowInterrupt(f"checkpoint of {name!r} refused: {exc}",
