@@ -431,16 +431,18 @@ class WorkflowContext:
         self.engine.wake_workers(self.shard)
         return child_id
 
-    async def child_result(self, child_id: str, timeout: float | None) -> Any:
+    async def child_result(self, tenant: str, child_id: str, timeout: float | None) -> Any:
+        """Wait for another workflow (a child, or any workflow of any tenant) and
+        checkpoint its outcome, so a replay sees the same result."""
         name = f"child_result:{child_id}"
         seq, rec = self._next(name, "child_result")
         if rec is None:
-            outcome = await self.engine.wait_terminal(self.tenant, child_id, timeout)
+            outcome = await self.engine.wait_terminal(tenant, child_id, timeout)
             await self._finish_step(seq, name, "child_result", "done",
                                     json.dumps(outcome), None)
         else:
             outcome = loads(rec.output)
-        return self.engine.outcome_value(self.tenant, child_id, outcome)
+        return self.engine.outcome_value(tenant, child_id, outcome)
 
 
 class _AlreadyRecorded(Exception):

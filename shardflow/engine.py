@@ -103,7 +103,7 @@ class WorkflowHandle:
         """
         ctx = context.current()
         if ctx is not None and ctx.engine is self.engine:
-            return await ctx.child_result(self.workflow_id, timeout)
+            return await ctx.child_result(self.tenant, self.workflow_id, timeout)
         outcome = await self.engine.wait_terminal(self.tenant, self.workflow_id, timeout)
         return self.engine.outcome_value(self.tenant, self.workflow_id, outcome)
 
