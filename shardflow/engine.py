@@ -153,7 +153,6 @@ class Engine:
         self._workflows: dict[str, _Registered] = {}
         self._queues: dict[str, Queue] = {"default": Queue(name="default")}
         self._known_queues: set[str] = {"default"}
-        self._step_names: set[str] = set()
         self.driver: Driver = cast(Driver, None)
         self.shard_map: ShardMap = cast(ShardMap, None)
         self._worker: Any = None
@@ -198,7 +197,6 @@ class Engine:
                     return await fn(*args, **kwargs)
                 return cast(R, await ctx.run_step(fn, step_name, retries, args, kwargs))
 
-            self._step_names.add(step_name)
             return wrapper
 
         return deco

@@ -34,12 +34,16 @@ def loads(text: str | None) -> Any:
 def dump_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, workflow: str,
               max_bytes: int) -> str:
     """Serialize a workflow's arguments, naming the first argument that cannot be."""
-    for i, a in enumerate(args):
-        _check(a, f"argument {i} of workflow {workflow!r}")
-    for k, v in kwargs.items():
-        _check(v, f"argument {k!r} of workflow {workflow!r}")
-    return dumps({"args": list(args), "kwargs": kwargs},
-                 what=f"arguments of workflow {workflow!r}", max_bytes=max_bytes)
+    try:
+        return dumps({"args": list(args), "kwargs": kwargs},
+                     what=f"arguments of workflow {workflow!r}", max_bytes=max_bytes)
+    except SerializationError:
+        # the slow path only on failure: find the argument to name
+        for i, a in enumerate(args):
+            _check(a, f"argument {i} of workflow {workflow!r}")
+        for k, v in kwargs.items():
+            _check(v, f"argument {k!r} of workflow {workflow!r}")
+        raise
 
 
 def _check(value: Any, what: str) -> None:
