@@ -230,7 +230,7 @@ def _shard(args: argparse.Namespace) -> int:
         rep = move_shard(spec, args.shard, args.to, lock_timeout_s=args.lock_timeout)
         console.print(
             f"moved shard {rep.shard} from {rep.source} to {rep.target} (epoch {rep.epoch}): "
-            f"writes paused {rep.pause_s * 1000:.0f} ms, total {rep.total_s:.2f} s, rows "
+            f"the shard paused {rep.pause_s * 1000:.0f} ms, total {rep.total_s:.2f} s, rows "
             + ", ".join(f"{t} {n}" for t, n in rep.rows.items()))
         return 0
     rows: list[dict[str, Any]] = []

@@ -1,18 +1,24 @@
 """Move a shard to another node while workers run: copy-then-switch with a brief fence.
 
 1. The target node gets empty partitions for the shard.
-2. On the source node, one transaction takes EXCLUSIVE locks on the shard's partitions:
-   reads go on, every write to the shard waits. This is the fence; the pause it causes
-   lasts until step 4 commits and grows with the shard's size (``MoveReport.pause_s``).
+2. On the source node, one transaction takes ACCESS EXCLUSIVE locks on the shard's
+   partitions: every read and write of the shard waits. This is the fence; the pause it
+   causes lasts until step 4 commits and grows with the shard's size
+   (``MoveReport.pause_s``). Step 4 needs ACCESS EXCLUSIVE anyway: taking a weaker lock
+   first and upgrading it deadlocks with a claim that read the shard and then waits for
+   the fence to lock its rows.
 3. The shard's rows are streamed to the target (binary COPY) and committed there;
    workflows that were running are put back to pending, so their next owner claims them
    with a new fencing token. A worker that was running one finds its partition gone and
    stops: nothing it writes afterwards can land anywhere.
 4. In the source transaction: the shard map says "target" (epoch + 1), the source's
-   partitions are dropped, and it commits. From here the move has happened.
-5. The other nodes' shard maps are updated. Clients take the highest epoch they see,
-   so a crash between 4 and 5 still routes correctly; a stale client's write reaches a
-   node without the partition, is refused by Postgres, and the client reloads the map.
+   partitions are emptied and refuse new rows, and it commits. From here the move has
+   happened; the emptied partitions are dropped afterwards.
+5. The other nodes' shard maps (the target's too) are updated: not before step 4, so a
+   failed move never leaves a newer map anywhere that a client could have adopted.
+   Clients take the highest epoch they see, so a crash between 4 and 5 still routes
+   correctly; a stale client's write reaches a node without the partition, is refused by
+   Postgres, and the client reloads the map.
 
 If anything fails before step 4 commits, the source rolls back (nothing moved) and the
 target's copy is dropped.
@@ -78,7 +84,7 @@ def move_shard(spec: ClusterSpec, shard: int, target: str, *,
         try:
             with src.transaction():
                 src.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
-                src.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                src.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                     sql.SQL(", ").join(_part(t, shard) for t in TABLES)))
                 t_fence = time.perf_counter()
                 with dst.transaction():
@@ -90,9 +96,6 @@ def move_shard(spec: ClusterSpec, shard: int, target: str, *,
                         "UPDATE {} SET status = 'pending', owner = NULL, ready_at = now(), "
                         "reason = 'shard moved' WHERE status = 'running'").format(
                             _part("workflows", shard)))
-                    dst.execute(
-                        "UPDATE shardflow.shard_map SET node = %s, epoch = %s "
-                        "WHERE shard_id = %s", (target, epoch, shard))
                 src.execute("UPDATE shardflow.shard_map SET node = %s, epoch = %s "
                             "WHERE shard_id = %s", (target, epoch, shard))
                 # Empty the old partitions and make them refuse every new row. Not DROP
@@ -108,11 +111,9 @@ def move_shard(spec: ClusterSpec, shard: int, target: str, *,
         except BaseException:
             # the source rolled back and still holds the shard: drop the target's copy
             dst.execute("SELECT shardflow.drop_shard(%s)", (shard,))
-            dst.execute("UPDATE shardflow.shard_map SET node = %s, epoch = %s "
-                        "WHERE shard_id = %s AND node = %s", (source, smap.epoch, shard, target))
             raise
         for name, c in conns.items():
-            if name not in (source, target):
+            if name != source:
                 c.execute("UPDATE shardflow.shard_map SET node = %s, epoch = %s "
                           "WHERE shard_id = %s AND epoch < %s", (target, epoch, shard, epoch))
         dropped = _drop_quietly(src, shard)

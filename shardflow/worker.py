@@ -8,6 +8,7 @@ supervises: it forwards signals and exits when the children have.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import logging
 import os
@@ -56,12 +57,24 @@ def serve_one(target: str) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the supervisor dies, even by SIGKILL,
+    so no worker outlives its supervisor unseen (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def run_worker_processes(target: str, processes: int) -> int:
     load_engine(target)  # fail fast, with one clear line, before forking anything
     if processes == 1:
         return serve_one(target)
     children = [
-        subprocess.Popen([sys.executable, "-m", "shardflow.worker", target])
+        subprocess.Popen([sys.executable, "-m", "shardflow.worker", target],
+                         # the supervisor has no threads yet: preexec_fn is safe here
+                         preexec_fn=_die_with_parent)  # noqa: PLW1509
         for _ in range(processes)
     ]
 

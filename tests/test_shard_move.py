@@ -123,7 +123,7 @@ def test_shard_cli_lists_and_moves(db: PerTestDB) -> None:
                             "node0" if rows[3]["node"] != "node0" else "node1", "--cluster", cf],
                            capture_output=True, text=True, timeout=60)
     assert moved.returncode == 0, moved.stderr
-    assert "writes paused" in moved.stdout
+    assert "the shard paused" in moved.stdout
     bad = subprocess.run([sys.executable, "-m", "shardflow.cli", "shard", "move", "3", "--to",
                           "nowhere", "--cluster", cf], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'nowhere' is not a node" in bad.stderr
