@@ -6,6 +6,7 @@ measures and audits correctly, never how fast anything is.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -18,6 +19,7 @@ from shardflow import clusterfile
 from shardflow.bench import SUMMARY_FIELDS, BenchOptions, run_bench
 
 from .conftest import PerTestDB, make_tempdir
+from .flows import FAST
 
 
 def test_bench_runs_and_audits(db: PerTestDB) -> None:
@@ -34,8 +36,7 @@ def test_bench_runs_and_audits(db: PerTestDB) -> None:
         worker_processes=1,
         results_dir=d / "results",
         # the test cluster's fast timings, so start-up and the drain stay short
-        engine_config={"lease_timeout": 1.0, "heartbeat_interval": 0.2,
-                       "recovery_interval": 0.2, "poll_interval": 0.05},
+        engine_config={f.name: getattr(FAST, f.name) for f in dataclasses.fields(FAST)},
         drain_timeout=60.0,
     )
     try:
