@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import asyncpg
+import psycopg.conninfo
 
 from .clusterfile import NodeSpec
 from .errors import RetryableDatabaseError, RoutingError, ShardflowError, translate
@@ -41,6 +43,23 @@ def load_queries() -> dict[str, str]:
 
 
 Q = load_queries()
+
+
+def dsn_for_server(dsn: str, host: str, port: int) -> str:
+    """``dsn``'s settings (user, password, database, TLS) for another server: how a
+    worker reaches a Citus worker node that the coordinator's catalog names."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params.pop("host", None)
+    params.pop("port", None)
+    params.pop("hostaddr", None)
+    user = urllib.parse.quote(str(params.pop("user", "")), safe="")
+    password = params.pop("password", None)
+    auth = f"{user}:{urllib.parse.quote(str(password), safe='')}" if password else user
+    db = urllib.parse.quote(str(params.pop("dbname", "")), safe="")
+    query = urllib.parse.urlencode({k: str(v) for k, v in params.items() if v is not None})
+    host_part = f"[{host}]" if ":" in host else host
+    return (f"postgresql://{auth}{'@' if auth else ''}{host_part}:{port}/{db}"
+            + (f"?{query}" if query else ""))
 
 
 @dataclass(slots=True)
@@ -84,6 +103,9 @@ class Driver:
     def __init__(self, nodes: Sequence[NodeSpec], shard_map: ShardMap, *, pool_size: int,
                  connect_timeout: float) -> None:
         self.nodes = {n.name: Node(n) for n in nodes}
+        # Citus worker nodes, where workers claim from shard placements directly; not
+        # part of the shard map (every other call goes through the coordinator)
+        self.placement_nodes: dict[str, Node] = {}
         self.shard_map = shard_map
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
@@ -115,8 +137,20 @@ class Driver:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
+    async def placement_node(self, host: str, port: int, like: str) -> Node:
+        """A pool on the Citus worker node host:port, connecting with the settings of
+        DSN ``like`` (opened once, kept until close)."""
+        name = f"{host}:{port}"
+        node = self.placement_nodes.get(name)
+        if node is None:
+            node = Node(NodeSpec(name, host, port, dsn_for_server(like, host, port),
+                                 role="citus worker"))
+            await self._open_node(node)
+            self.placement_nodes[name] = node
+        return node
+
     async def close(self) -> None:
-        for node in self.nodes.values():
+        for node in [*self.nodes.values(), *self.placement_nodes.values()]:
             if node.pool is not None:
                 await node.pool.close()
                 node.pool = None

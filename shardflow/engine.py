@@ -161,6 +161,11 @@ class Engine:
         self._done_events: dict[tuple[str, str], asyncio.Event] = {}
         self.metrics: Counter[str] = Counter()
 
+    @property
+    def citus(self) -> bool:
+        """True on a Citus cluster (``citus=`` given, or the node has the extension)."""
+        return self._citus
+
     # -- registration ----------------------------------------------------------------
 
     def workflow(self, *, name: str | None = None, queue: str = "default",
@@ -339,6 +344,7 @@ class Engine:
                 smap = read_shard_map(conn) if row else None
                 if row is not None and has_citus(conn):
                     distribute(conn)  # idempotent
+                    self._citus = True
             if name is not None and node_name is not None and node_name != name:
                 raise RoutingError(f"the cluster file says {dsn} is node {name!r}, but that "
                                    f"database is node {node_name!r}")
@@ -354,6 +360,7 @@ class Engine:
                     init_node(conn, node_name, shard_map)
                     if has_citus(conn):
                         distribute(conn)
+                        self._citus = True
             return [NodeSpec(n, "", 0, dsn) for (_, dsn, _, _), n in
                     zip(found, names, strict=True)], shard_map
         if len(maps) != len(found):
@@ -392,8 +399,6 @@ class Engine:
             return False
         self.shard_map = best
         self.driver.shard_map = best
-        if self._worker is not None:
-            self._worker.ownership.shard_map = best
         return True
 
     async def tenant_row(self, tenant: str, query: str, *args: Any) -> Any:

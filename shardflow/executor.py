@@ -43,6 +43,18 @@ log = logging.getLogger("shardflow.worker")
 
 
 @dataclass(slots=True)
+class _Target:
+    """What one claim loop polls: ``node`` runs the claims; ``home`` is the shardflow
+    node of the workflows (their leases, queue budgets, checkpoints). The same node on
+    plain Postgres; on Citus a Citus worker holding shard placements, and the
+    coordinator."""
+
+    name: str
+    node: Node
+    home: Node
+
+
+@dataclass(slots=True)
 class _Running:
     task: asyncio.Task[None]
     node: Node
@@ -63,7 +75,11 @@ class Worker:
         self._last_heartbeat: dict[str, float] = {}
         self._loop_tick = time.monotonic()
         self._beat: _HeartbeatThread | None = None
-        self.ownership = ShardOwnership(engine.driver, engine.shard_map, self.worker_id)
+        self.ownership = ShardOwnership(engine.driver, self._units, self.worker_id)
+        self._targets: dict[str, _Target] = {}
+        # Citus: each shard of the workflow table (a unit of ownership) -> the claim
+        # target (the Citus worker holding it) and the placement's table name there
+        self._placements: dict[int, tuple[str, str]] = {}
         self._listeners: dict[str, asyncpg.Connection] = {}
         # Shards known to have work (a NOTIFY, a local start, a claim that filled its
         # batch). Claims visit only these; all owned shards are swept every
@@ -79,14 +95,14 @@ class Worker:
         # Register on every node before claiming anything: a claim by a worker without a
         # live heartbeat row would be recovered by the others at once.
         await asyncio.gather(*(self._heartbeat(n) for n in driver.nodes.values()))
-        for node in driver.nodes.values():
-            self._wake[node.name] = asyncio.Event()
+        if self.engine.citus:
+            await self._discover_placements()
+        else:
+            for node in driver.nodes.values():
+                self._add_target(_Target(node.name, node, node))
         await self.ownership.rebalance()
         if self.cfg.notify:
             await self._listen()
-        for node in driver.nodes.values():
-            self._tasks.append(asyncio.create_task(self._claim_loop(node),
-                                                   name=f"claim:{node.name}"))
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="tick"))
         self._tasks.append(asyncio.create_task(self._watch_loop(), name="watch"))
         self._beat = _HeartbeatThread(self)
@@ -118,7 +134,8 @@ class Worker:
 
     def wake(self, shard: int | None = None) -> None:
         """New work: in ``shard`` if known (claim it next), else anywhere (sweep all)."""
-        if shard is None:
+        if shard is None or self.engine.citus:
+            # on Citus a logical shard spans every placement: sweep them all
             self._sweep_now.update(self._wake)
             for ev in self._wake.values():
                 ev.set()
@@ -137,8 +154,53 @@ class Worker:
 
     # -- loops -----------------------------------------------------------------------
 
+    # -- what this worker polls -------------------------------------------------------
+
+    def _units(self) -> dict[str, list[int]]:
+        """The units of ownership each shardflow node leases out."""
+        smap = self.engine.shard_map
+        if self.engine.citus:
+            return {name: sorted(self._placements) for name in self.engine.driver.nodes}
+        return {name: smap.shards_of(name) for name in self.engine.driver.nodes}
+
+    def _target_units(self, target: _Target) -> list[int]:
+        owned = self.ownership.owned.get(target.home.name, set())
+        if not self.engine.citus:
+            return sorted(owned)
+        return sorted(u for u in owned if self._placements.get(u, ("", ""))[0] == target.name)
+
     def _shards(self, node: Node) -> list[int]:
-        return self.ownership.shards(node)
+        """The logical shards of ``node`` this worker recovers and maintains."""
+        if not self.engine.citus:
+            return self.ownership.shards(node)
+        # on Citus one logical shard spans all placements: whoever owns any of them
+        return self.engine.shard_map.shards_of(node.name) if self.ownership.shards(node) else []
+
+    def _add_target(self, target: _Target) -> None:
+        if target.name in self._targets:
+            return
+        self._targets[target.name] = target
+        self._wake[target.name] = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._claim_loop(target),
+                                               name=f"claim:{target.name}"))
+
+    async def _discover_placements(self) -> None:
+        """Citus: where each shard of the workflow tables lives, read on the coordinator
+        (its catalog, no distributed query); a claim loop per Citus worker node. Run
+        again each ownership tick, so a rebalanced or new Citus worker is picked up."""
+        driver = self.engine.driver
+        placements: dict[int, tuple[str, str]] = {}
+        for home in driver.nodes.values():
+            parts = [f"shardflow.workflows_s{s}"
+                     for s in self.engine.shard_map.shards_of(home.name)]
+            for row in await driver.fetch(home, "citus_placements", parts):
+                node = await driver.placement_node(row["nodename"], row["nodeport"],
+                                                   home.spec.dsn)
+                self._add_target(_Target(node.name, node, home))
+                # the placement's table: <partition>_<citus shard id>, schema shardflow
+                table = f"{row['tbl'].rsplit('.', 1)[-1]}_{row['unit']}"
+                placements[row["unit"]] = (node.name, table)
+        self._placements = placements
 
     async def _listen(self) -> None:
         """LISTEN on every node so a start wakes the owner of its shard at once."""
@@ -155,6 +217,9 @@ class Worker:
 
     def _on_notify(self, node: Node) -> Any:
         def callback(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if self.engine.citus:
+                self.wake()
+                return
             with contextlib.suppress(ValueError):
                 shard = int(payload)
                 if shard in self.ownership.owned.get(node.name, ()):
@@ -167,6 +232,8 @@ class Worker:
         while True:
             await asyncio.sleep(self.cfg.recovery_interval)
             try:
+                if self.engine.citus:
+                    await self._discover_placements()
                 if await self.engine.refresh_shard_map():
                     log.info("shard map changed (epoch %d)", self.engine.shard_map.epoch)
                 if await self.ownership.rebalance():
@@ -176,9 +243,9 @@ class Worker:
             if self.cfg.notify:
                 await self._listen()
 
-    async def _claim_loop(self, node: Node) -> None:
+    async def _claim_loop(self, target: _Target) -> None:
         names = self.engine.workflow_names
-        wake = self._wake[node.name]
+        wake = self._wake[target.name]
         cap = self.cfg.tenant_concurrency or 0
         loop = asyncio.get_running_loop()
         next_sweep = 0.0
@@ -189,36 +256,79 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             limit = min(free, self.cfg.claim_batch)
-            owned = set(self._shards(node))
-            hot = self._hot.setdefault(node.name, set())
-            sweep = node.name in self._sweep_now or loop.time() >= next_sweep
+            owned = set(self._target_units(target))
+            hot = self._hot.setdefault(target.name, set())
+            sweep = target.name in self._sweep_now or loop.time() >= next_sweep
             if sweep:
-                self._sweep_now.discard(node.name)
+                self._sweep_now.discard(target.name)
                 next_sweep = loop.time() + self.cfg.sweep_interval
                 shards = sorted(owned)
             else:
                 shards = sorted(hot & owned)
             hot.difference_update(shards)  # re-added below if they still have work
             try:
-                rows = (await self.engine.driver.claim(
-                    node, shards, names, self.worker_id, limit, self.cfg.per_tenant_batch, cap)
-                    if shards else [])
+                rows, gave = (await self._claim(target, shards, names, limit, cap)
+                              if shards else ([], set()))
             except ShardflowError as exc:
-                log.warning("claim on node %s failed: %s", node.name, exc)
-                rows = []
+                log.warning("claim on node %s failed: %s", target.name, exc)
+                rows, gave = [], set()
                 hot.update(shards)
                 await asyncio.sleep(self.cfg.poll_interval)
             for row in rows:
-                self._spawn(node, row)
+                self._spawn(target.home, row)
             # shards that gave work may have more (a claim takes at most per_tenant_batch
             # from each tenant); shards that gave none wait for a notify or the next sweep
-            hot.update(r["shard_id"] for r in rows)
+            hot.update(gave)
             if not hot:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         wake.wait(), max(0.0, min(self.cfg.poll_interval,
                                                    next_sweep - loop.time())))
+
+    async def _claim(self, target: _Target, units: list[int], names: list[str], limit: int,
+                     cap: int) -> tuple[list[Any], set[int]]:
+        """Claim on ``target``: the rows, and the units that gave some."""
+        driver = self.engine.driver
+        if not self.engine.citus:
+            rows = await driver.claim(target.node, units, names, self.worker_id, limit,
+                                      self.cfg.per_tenant_batch, cap)
+            return rows, {r["shard_id"] for r in rows}
+        # Citus: budgets from the coordinator (the queue tables live there), the claim
+        # on the Citus worker's placements themselves (FOR UPDATE SKIP LOCKED on plain
+        # tables), then the rate-limit tokens back on the coordinator.
+        budgets = await driver.fetch(target.home, "queue_budgets", limit, cap)
+        if not budgets:
+            return [], set()
+        tables = [self._placements[u][1] for u in units]
+
+        async def claim_on_worker(budgets: list[Any]) -> list[Any]:
+            return await driver.fetch(
+                target.node, "claim_tables", tables,
+                [b["queue"] for b in budgets], [b["budget"] for b in budgets],
+                [b["tenant_cap"] for b in budgets], [b["cap_per_queue"] for b in budgets],
+                names, self.worker_id, limit, self.cfg.per_tenant_batch)
+
+        if any(b["concurrency_limited"] for b in budgets):
+            # Budgets read apart from the claim race with other claimers (every one
+            # would start `concurrency` more). Under the lock, the running count
+            # includes every earlier claim, which committed on its worker first.
+            async with driver.transaction(target.home) as conn:
+                await conn.execute(Q["claim_lock"])
+                budgets = await conn.fetch(Q["queue_budgets"], limit, cap)
+                rows = await claim_on_worker(budgets) if budgets else []
+        else:
+            rows = await claim_on_worker(budgets)
+        limited = {b["queue"] for b in budgets if b["rate_limited"]}
+        spent = [r["queue"] for r in rows if r["queue"] in limited]
+        if spent:
+            try:
+                await driver.execute(target.home, "queue_spend", spent)
+            except ShardflowError as exc:
+                # the claim is committed: run the workflows; the bucket refills anyway
+                log.warning("spending rate tokens on node %s failed: %s",
+                            target.home.name, exc)
+        return rows, {units[r["slot"] - 1] for r in rows}
 
     async def _heartbeat(self, node: Node) -> None:
         await self.engine.driver.execute(
@@ -287,9 +397,12 @@ class Worker:
                     if rows:
                         self.engine.metrics["recovered"] += len(rows)
                         log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
-                        self._hot.setdefault(node.name, set()).update(
-                            r["shard_id"] for r in rows)
-                        self._wake[node.name].set()
+                        if self.engine.citus:
+                            self.wake()
+                        else:
+                            self._hot.setdefault(node.name, set()).update(
+                                r["shard_id"] for r in rows)
+                            self._wake[node.name].set()
                     if ticks % 20 == 0:
                         names = [r["name"] for r in
                                  await self.engine.driver.fetch(node, "live_workflow_names")]

@@ -14,13 +14,10 @@ overlap while views of the membership differ is harmless.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .driver import Driver, Node
 from .errors import ShardflowError
-
-if TYPE_CHECKING:
-    from .routing import ShardMap
 
 log = logging.getLogger("shardflow.ownership")
 
@@ -35,9 +32,14 @@ def target_share(shard_count: int, members: list[str], me: str) -> int | None:
 
 
 class ShardOwnership:
-    def __init__(self, driver: Driver, shard_map: ShardMap, worker_id: str) -> None:
+    """``units()`` says which shards each node leases out: on plain nodes a node's
+    logical shards; on Citus the coordinator leases the Citus shards (placements) of
+    the workflow table, which workers claim from on the Citus worker holding each."""
+
+    def __init__(self, driver: Driver, units: Callable[[], dict[str, list[int]]],
+                 worker_id: str) -> None:
         self.driver = driver
-        self.shard_map = shard_map
+        self.units = units
         self.worker_id = worker_id
         self.owned: dict[str, set[int]] = {name: set() for name in driver.nodes}
         self.members: list[str] = []
@@ -59,13 +61,14 @@ class ShardOwnership:
 
     async def rebalance(self) -> bool:
         """One step towards this worker's fair share; True when ownership changed."""
-        nodes = list(self.driver.nodes.values())
+        units = self.units()
+        nodes = [n for n in self.driver.nodes.values() if n.name in units]
         before = {k: set(v) for k, v in self.owned.items()}
         for node in nodes:
             try:
                 rows = await self.driver.fetch(node, "owned_shards", self.worker_id)
                 held = {r["shard_id"] for r in rows}
-                here = set(self.shard_map.shards_of(node.name))
+                here = set(units[node.name])
                 if held - here:
                     # leases for shards that moved away (taken with a stale map): let go
                     await self.driver.execute(node, "release_shards", sorted(held - here),
@@ -74,18 +77,19 @@ class ShardOwnership:
             except ShardflowError as exc:
                 log.warning("reading shard leases on node %s failed: %s", node.name, exc)
         self.members = await self._members()
-        target = target_share(self.shard_map.shard_count, self.members, self.worker_id)
+        count = sum(len(u) for u in units.values())
+        target = target_share(count, self.members, self.worker_id)
         if target is None:
             return self.owned != before
         total = self.all_owned()
         if total > target:
             await self._release(total - target)
         elif total < target:
-            await self._acquire(target - total, nodes)
+            await self._acquire(target - total, nodes, units)
         changed = self.owned != before
         if changed:
             log.info("worker %s owns %d shards (target %d of %d, %d workers)", self.worker_id,
-                     self.all_owned(), target, self.shard_map.shard_count, len(self.members))
+                     self.all_owned(), target, count, len(self.members))
         return changed
 
     async def _release(self, extra: int) -> None:
@@ -97,14 +101,14 @@ class ShardOwnership:
             self.owned[node_name] -= set(give)
             extra -= len(give)
 
-    async def _acquire(self, need: int, nodes: list[Node]) -> None:
+    async def _acquire(self, need: int, nodes: list[Node],
+                       units: dict[str, list[int]]) -> None:
         # take from the node where we own least first, to spread each worker over nodes
         for node in sorted(nodes, key=lambda n: len(self.owned[n.name])):
             if need <= 0:
                 return
             try:
-                free = await self.driver.fetch(node, "free_shards",
-                                               self.shard_map.shards_of(node.name), need)
+                free = await self.driver.fetch(node, "free_shards", units[node.name], need)
                 if not free:
                     continue
                 got = await self.driver.fetch(node, "acquire_shards",

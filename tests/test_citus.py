@@ -134,3 +134,105 @@ async def test_workflows_and_colocated_transaction_steps(citus: Any) -> None:
                 n += int(r[0]) if r else 0
             per_worker.append(n)
     assert sum(per_worker) == 12 and all(n > 0 for n in per_worker)
+
+
+async def test_workers_claim_from_placements_on_the_citus_workers(citus: Any) -> None:
+    """Shard-aware workers on Citus lease the Citus shards of the workflow table
+    (balanced between workers) and claim on the Citus worker holding each placement,
+    not through the coordinator (citus#1985)."""
+    spec, lc = citus
+    coord, workers = spec.nodes[0], spec.nodes[1:]
+    for node in spec.nodes:
+        with psycopg.connect(node.dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+    engines = [shardflow.Engine(cluster_file=lc.file, config=FAST) for _ in range(2)]
+    for eng in engines:
+        @eng.workflow(name="citus_direct")
+        async def direct(i: int) -> int:
+            return i * 2
+
+    async with engines[0] as a, engines[1]:
+        hs = [await a.start(direct, i, tenant=f"direct-{i}") for i in range(40)]
+        assert await asyncio.gather(*(h.result(timeout=60) for h in hs)) == [
+            i * 2 for i in range(40)]
+        for _ in range(100):  # the second worker joins a tick later: wait for balance
+            owned = [eng._worker.ownership.owned[coord.name] for eng in engines]
+            if abs(len(owned[0]) - len(owned[1])) <= 1:
+                break
+            await asyncio.sleep(0.1)
+        with psycopg.connect(coord.dsn) as conn:
+            units = {r[0] for r in conn.execute(
+                "SELECT shardid FROM pg_dist_shard "
+                "WHERE logicalrelid = 'shardflow.workflows_s0'::regclass").fetchall()}
+            leases = dict(conn.execute("SELECT shard_id, owner FROM shardflow.shard_leases")
+                          .fetchall())
+    assert owned[0] | owned[1] == units and not owned[0] & owned[1]
+    assert abs(len(owned[0]) - len(owned[1])) <= 1
+    assert set(leases) == units
+
+    def claims(dsn: str, fn: str) -> int:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                               "WHERE query LIKE %s", (f"%shardflow.{fn}(%",)).fetchone()
+            return int(row[0]) if row else 0
+
+    # every Citus worker served claims; the coordinator only gave the queue budgets
+    assert all(claims(w.dsn, "claim_tables") > 0 for w in workers)
+    assert claims(coord.dsn, "claim_tables") == 0
+    assert claims(coord.dsn, "claim_fair") == 0
+    assert claims(coord.dsn, "queue_budgets") > 0
+
+
+async def test_queue_limit_is_exact_and_a_flood_does_not_starve_on_citus(citus: Any) -> None:
+    """On Citus the queue budgets come from the coordinator for the whole cluster, so a
+    concurrency limit is exact; a tenant's flood does not delay another tenant."""
+    spec, lc = citus
+    eng = shardflow.Engine(cluster_file=lc.file, config=FAST)
+    eng.queue("citus_limited", concurrency=3)
+    running = {"now": 0, "peak": 0}
+    release = asyncio.Event()
+
+    @eng.workflow(name="citus_held", queue="citus_limited")
+    async def held() -> None:
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        await release.wait()
+        running["now"] -= 1
+
+    @eng.workflow(name="citus_quick")
+    async def quick(i: int) -> int:
+        return i
+
+    async with eng:
+        hs = [await eng.start(held, tenant=f"climit-{i}") for i in range(12)]
+        for _ in range(100):
+            if running["now"] >= 3:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # more claims would have happened by now
+        assert running["now"] == 3 and running["peak"] == 3
+        release.set()
+        await asyncio.gather(*(h.result(timeout=30) for h in hs))
+        assert running["peak"] == 3
+    # the flood shares the small tenant's Citus shard: only fair claiming can save it
+    def citus_shard(conn: Any, tenant: str) -> int:
+        row = conn.execute("SELECT get_shard_id_for_distribution_column("
+                           "'shardflow.workflows_s0', %s::text)", (tenant,)).fetchone()
+        return int(row[0])
+
+    small = "citus-small"
+    with psycopg.connect(spec.nodes[0].dsn, autocommit=True) as conn:
+        home = citus_shard(conn, small)
+        big = next(t for t in (f"citus-big-{i}" for i in range(10_000))
+                   if citus_shard(conn, t) == home)
+        conn.execute(
+            "INSERT INTO shardflow.workflows (tenant_id, shard_id, workflow_id, name, inputs,"
+            " created_at, ready_at) SELECT %s, 0, 'f' || g, 'citus_quick', "
+            "'{\"args\": [1], \"kwargs\": {}}', now() - interval '1 hour', "
+            "now() - interval '1 hour' FROM generate_series(1, 5000) g", (big,))
+    async with eng:
+        await asyncio.sleep(0.3)  # the flood is being worked on
+        h = await eng.start(quick, -1, tenant=small)
+        assert await h.result(timeout=30) == -1
+        left = len(await eng.list_workflows(tenant=big, status="pending", limit=10_000))
+    assert left > 2_500

@@ -385,3 +385,33 @@ SELECT name, priority, concurrency, tenant_concurrency, rate_per_sec, paused
 
 -- name: set_queue_paused
 UPDATE shardflow.queues SET paused = $2 WHERE name = $1 RETURNING name;
+
+-- name: queue_budgets
+-- $1 batch size, $2 engine-wide per-tenant cap (0 = none). See migration 0003.
+SELECT * FROM shardflow.queue_budgets($1, $2);
+
+-- name: claim_tables
+-- $1 tables, $2 queues, $3 budgets, $4 tenant caps, $5 caps count only the queue,
+-- $6 workflow names, $7 worker id, $8 batch size, $9 most per tenant. See migration 0003.
+SELECT * FROM shardflow.claim_tables($1::text[], $2::text[], $3::int[], $4::int[],
+                                     $5::bool[], $6::text[], $7, $8, $9);
+
+-- name: claim_lock
+-- Citus, queues with a concurrency limit: budget and claim under one cluster-wide lock
+-- on the coordinator, held until the claim on the Citus worker has committed, so the
+-- next claimer's running count includes it and the limit is exact.
+SELECT pg_advisory_xact_lock(6012785263591211008);
+
+-- name: queue_spend
+SELECT shardflow.queue_spend($1::text[]);
+
+-- name: citus_placements
+-- Placements of the workflow tables' shards ($1: the partitions, e.g.
+-- {shardflow.workflows_s0}) on active primary Citus nodes, read on the coordinator.
+SELECT sh.shardid::int AS unit, sh.logicalrelid::regclass::text AS tbl, n.nodename, n.nodeport
+  FROM pg_dist_shard sh
+  JOIN pg_dist_placement p ON p.shardid = sh.shardid
+  JOIN pg_dist_node n ON n.groupid = p.groupid
+ WHERE sh.logicalrelid = ANY ($1::regclass[])
+   AND n.noderole = 'primary' AND n.isactive AND p.shardstate = 1
+ ORDER BY sh.shardid;
