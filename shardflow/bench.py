@@ -578,7 +578,13 @@ def _cpu_model() -> str:
 
 
 def _primaries(spec: ClusterSpec) -> list[NodeSpec]:
+    """The shardflow nodes: where workflow rows are read (on Citus, the coordinator)."""
     return [n for n in spec.nodes if n.role in ("primary", "coordinator")]
+
+
+def _servers(spec: ClusterSpec) -> list[NodeSpec]:
+    """Every server doing the work, whose CPU and WAL count: with Citus workers."""
+    return [n for n in spec.nodes if n.role in ("primary", "coordinator", "worker")]
 
 
 async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subprocess.Popen[bytes]],
@@ -587,15 +593,17 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
     config = EngineConfig(**opts.engine_config)
     engine = flows.make_engine(Path(opts.cluster_file), config=config, run_workers=False)
     pattern = f"{run_id}-%"
-    nodes: list[NodeState] = []
+    servers: list[NodeState] = []
+    data = {n.name for n in _primaries(spec)}
     try:
-        for ns in _primaries(spec):
+        for ns in _servers(spec):
             conn = await asyncpg.connect(ns.dsn)
             node = NodeState(ns, conn)
-            nodes.append(node)
+            servers.append(node)
             node.postmaster = await postmaster_pid(ns, conn)
             node.has_pss = bool(await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')"))
+        nodes = [n for n in servers if n.spec.name in data]
         first = nodes[0].conn
         pg_version = str(await first.fetchval("SHOW server_version"))
         pg_settings = {r["name"]: r["value"] for r in await first.fetch(
@@ -605,7 +613,7 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         await _wait_ready(nodes, procs, opts.ready_timeout, console)
         load = Load(opts, engine, run_id)
         monitor = Monitor(nodes, load, pattern)
-        before = await _snapshot(nodes, [p.pid for p in procs])
+        before = await _snapshot(servers, [p.pid for p in procs])
         await monitor.poll()
         load_task = asyncio.create_task(load.run())
         drain_deadline: float | None = None
@@ -626,9 +634,9 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                         console.print(f"[red]drain timeout: {monitor.backlog} workflows "
                                       f"still pending or running[/red]")
                         break
-        after = await _snapshot(nodes, [p.pid for p in procs])
+        after = await _snapshot(servers, [p.pid for p in procs])
         wal = 0
-        for n, a, b in zip(nodes, before["wal"], after["wal"], strict=True):
+        for n, a, b in zip(servers, before["wal"], after["wal"], strict=True):
             # LSNs travel as text: asyncpg has no codec for pg_lsn parameters
             wal += int(await n.conn.fetchval(
                 "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", b, a))
@@ -654,12 +662,12 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
             "load": load, "monitor": monitor, "before": before, "after": after, "wal": wal,
             "rows": rows, "dup_keys": dup_keys, "effect_rows": effect_rows,
             "effect_keys": effect_keys, "per_node": per_node, "pg_version": pg_version,
-            "pg_settings": pg_settings, "stmts_available": all(n.has_pss for n in nodes),
-            "db_cpu_available": all(n.postmaster is not None for n in nodes),
+            "pg_settings": pg_settings, "stmts_available": all(n.has_pss for n in servers),
+            "db_cpu_available": all(n.postmaster is not None for n in servers),
         }
     finally:
         await engine.close()
-        for n in nodes:
+        for n in servers:
             await n.conn.close()
 
 
