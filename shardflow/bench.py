@@ -63,6 +63,7 @@ from rich.table import Table
 from . import __version__, clusterfile
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
+from .errors import ShardflowError
 from .localcluster import POSTGRES_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,14 @@ class BenchOptions:
     ready_timeout: float = 60.0
     clean: bool = True
     seed: int = 1
+    # locust as the load generator (closed loop: each user starts and waits)
+    locust_users: int | None = None
+    locust_processes: int = 1
+    locust_expect_workers: int = 0
+    # also write summary.json here
+    json_path: Path | None = None
+    # run the same workload on a peer right after (only "dbos")
+    peer: str | None = None
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.concurrency is not None:
@@ -118,10 +127,29 @@ class BenchOptions:
             raise ValueError(f"--skew must be uniform or zipf, got {self.skew!r}")
         if self.duration <= 0 or (self.workflows is not None and self.workflows < 1):
             raise ValueError("--duration must be > 0 and --workflows >= 1")
+        if self.locust_users is not None:
+            if self.locust_users < 1:
+                raise ValueError(f"--locust-users must be >= 1, got {self.locust_users}")
+            if self.rate is not None or self.concurrency is not None:
+                raise ValueError("--locust-users is the load: give it without --rate "
+                                 "or --concurrency")
+            if self.workflows is not None:
+                raise ValueError("--locust-users runs for --duration; --workflows does "
+                                 "not apply")
+            if self.peer is not None:
+                raise ValueError("--peer runs with the bench's own load (--rate or "
+                                 "--concurrency), not with --locust-users")
+        if self.locust_processes < 1 or self.locust_expect_workers < 0:
+            raise ValueError("--locust-processes must be >= 1 and "
+                             "--locust-expect-workers >= 0")
+        if self.peer not in (None, "dbos"):
+            raise ValueError(f"--peer: the only peer is 'dbos', got {self.peer!r}")
         EngineConfig(**self.engine_config)  # refuse unknown or invalid settings up front
 
     @property
     def mode(self) -> str:
+        if self.locust_users is not None:
+            return "locust"
         return "closed" if self.concurrency is not None else "open"
 
     @property
@@ -131,7 +159,13 @@ class BenchOptions:
     def command_line(self) -> str:
         """The command that repeats this run."""
         args = ["python", "-m", "shardflow.bench", "--cluster-file", str(self.cluster_file)]
-        if self.concurrency is not None:
+        if self.locust_users is not None:
+            args += ["--locust-users", str(self.locust_users)]
+            if self.locust_processes > 1:
+                args += ["--locust-processes", str(self.locust_processes)]
+            if self.locust_expect_workers:
+                args += ["--locust-expect-workers", str(self.locust_expect_workers)]
+        elif self.concurrency is not None:
             args += ["--concurrency", str(self.concurrency)]
         else:
             args += ["--rate", f"{self.effective_rate:g}"]
@@ -149,6 +183,10 @@ class BenchOptions:
             args += ["--engine-config", json.dumps(self.engine_config)]
         if not self.clean:
             args.append("--keep-old")
+        if self.peer:
+            args += ["--peer", self.peer]
+        if self.json_path:
+            args += ["--json", str(self.json_path)]
         return shlex.join(args)
 
 
@@ -458,6 +496,85 @@ class Load:
         await asyncio.gather(*(client() for _ in range(self.opts.concurrency or 1)))
 
 
+class LocustLoad:
+    """The load from locust, headless, in a subprocess (``loadtest/locustfile.py``):
+    its users start workflows through the psycopg client and wait for them. With
+    ``--locust-processes K`` locust forks a master and K workers; with
+    ``--locust-expect-workers W`` it runs as a master that waits for W workers started
+    elsewhere. Acknowledged starts and errors come from locust's own statistics (CSV);
+    latency and completion, as for every run, from the database."""
+
+    counts_from_db = True
+
+    def __init__(self, opts: BenchOptions, run_id: str, report_dir: Path) -> None:
+        self.opts = opts
+        self.run_id = run_id
+        self.report_dir = report_dir
+        self.submitted = 0  # while running: rows seen in the database
+        self.start_errors = 0
+        self.result_errors = 0
+        self.last_error = ""
+        self.done = False
+        self.start_lag = HdrHistogram(1, HIST_MAX_US, 3)  # not measured: closed loop
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def command(self) -> list[str]:
+        users = self.opts.locust_users or 1
+        cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+               "--headless", "-u", str(users), "-r", str(users),
+               "-t", f"{max(1, round(self.opts.duration))}s", "--stop-timeout", "30",
+               "--csv", str(self.report_dir / "locust"), "--only-summary",
+               # the final figures (the CSV can be written before the last users stop)
+               "--json-file", str(self.report_dir / "locust_final"),
+               "--loglevel", "WARNING"]
+        if self.opts.locust_processes > 1:
+            cmd += ["--processes", str(self.opts.locust_processes)]
+        if self.opts.locust_expect_workers:
+            cmd += ["--master", "--expect-workers", str(self.opts.locust_expect_workers)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SHARDFLOW_BENCH_CLUSTER"] = str(Path(self.opts.cluster_file).absolute())
+        env["SHARDFLOW_LOCUST_RUN"] = self.run_id
+        env["SHARDFLOW_LOCUST_TENANTS"] = str(self.opts.tenants)
+        env["SHARDFLOW_LOCUST_SKEW"] = ("uniform" if self.opts.skew == "uniform"
+                                       else f"zipf:{self.opts.zipf_s}")
+        env["SHARDFLOW_LOCUST_STEPS"] = str(self.opts.steps)
+        env["SHARDFLOW_LOCUST_PAYLOAD"] = str(self.opts.payload_bytes)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH"))
+                                            if p)
+        return env
+
+    async def run(self) -> None:
+        log_path = self.report_dir / "locust.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(), cwd=ROOT, env=self.env(), stdout=log,
+                stderr=subprocess.STDOUT)
+            try:
+                await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        final = self.report_dir / "locust_final.json"
+        if not final.is_file():
+            tail = log_path.read_text(errors="replace")[-400:].strip()
+            raise RuntimeError(f"locust wrote no statistics (exit {proc.returncode}): {tail}")
+        self.stats = {e["method"]: e for e in json.loads(final.read_text())}
+
+        def count(kind: str, key: str) -> int:
+            return int(self.stats.get(kind, {}).get(key) or 0)
+
+        self.start_errors = count("start", "num_failures")
+        self.submitted = count("start", "num_requests") - self.start_errors
+        self.result_errors = count("workflow", "num_failures")
+        if self.start_errors or self.result_errors:
+            self.last_error = f"locust reported failures: see {self.report_dir}/locust_failures.csv"
+        self.done = True
+
+
 POLL_SQL = f"""
 SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS backlog,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
@@ -481,7 +598,7 @@ class Monitor:
     """Polls every node once a second (one scan of this run's rows per node) and
     renders the live dashboard."""
 
-    def __init__(self, nodes: list[NodeState], load: Load, pattern: str) -> None:
+    def __init__(self, nodes: list[NodeState], load: Load | LocustLoad, pattern: str) -> None:
         self.nodes = nodes
         self.load = load
         self.pattern = pattern
@@ -493,7 +610,7 @@ class Monitor:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TaskProgressColumn(), TextColumn("{task.fields[note]}"))
         total = load.opts.workflows or load.opts.duration * (
-            load.opts.effective_rate if load.opts.concurrency is None else 1)
+            load.opts.effective_rate if load.opts.mode == "open" else 1)
         self.task = self.progress.add_task("completed", total=total, note="")
 
     @property
@@ -519,6 +636,9 @@ class Monitor:
                 self.live_hist.record_value(min(max(int(r["us"]), 1), HIST_MAX_US))
                 if n.last_finished is None or r["finished_at"] > n.last_finished:
                     n.last_finished = r["finished_at"]
+        if isinstance(self.load, LocustLoad) and not self.load.done:
+            # locust's own counts arrive when it exits; meanwhile, the rows written
+            self.load.submitted = self.backlog + self.completed + self.failed
         now = time.monotonic()
         self.samples.append((now, self.load.submitted, self.completed))
         if len(self.samples) >= 2:
@@ -529,7 +649,7 @@ class Monitor:
         if self.load.done:
             self.progress.update(self.task, total=max(self.load.submitted, 1),
                                  completed=self.completed + self.failed, note="draining")
-        elif opts.workflows is not None or opts.concurrency is None:
+        elif opts.workflows is not None or opts.mode == "open":
             self.progress.update(self.task, completed=self.completed + self.failed,
                                  note=f"{now - self.samples[0][0]:.0f}s")
         else:
@@ -588,7 +708,7 @@ def _servers(spec: ClusterSpec) -> list[NodeSpec]:
 
 
 async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subprocess.Popen[bytes]],
-                     run_id: str, console: Console) -> dict[str, Any]:
+                     run_id: str, console: Console, report_dir: Path) -> dict[str, Any]:
     flows = _load_benchflows()
     config = EngineConfig(**opts.engine_config)
     engine = flows.make_engine(Path(opts.cluster_file), config=config, run_workers=False)
@@ -611,7 +731,8 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
             "WHERE name = ANY($1::text[]) ORDER BY name", list(POSTGRES_SETTINGS))}
         await engine.open()
         await _wait_ready(nodes, procs, opts.ready_timeout, console)
-        load = Load(opts, engine, run_id)
+        load: Load | LocustLoad = (LocustLoad(opts, run_id, report_dir) if opts.locust_users
+                                   else Load(opts, engine, run_id))
         monitor = Monitor(nodes, load, pattern)
         before = await _snapshot(servers, [p.pid for p in procs])
         await monitor.poll()
@@ -700,14 +821,14 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
                   f"{opts.worker_processes} worker processes, {opts.mode} loop ({load_desc})")
     procs = _start_workers(opts, report_dir)
     try:
-        res = asyncio.run(_run_async(opts, spec, procs, run_id, console))
+        res = asyncio.run(_run_async(opts, spec, procs, run_id, console, report_dir))
     finally:
         exit_codes = _stop_workers(procs)
         for log in report_dir.glob("worker-*.log"):
             if log.stat().st_size == 0:
                 log.unlink()  # keep only logs that say something
 
-    load: Load = res["load"]
+    load: Load | LocustLoad = res["load"]
     rows: list[tuple[str, str, float, float | None]] = res["rows"]
     status = Counter(r[1] for r in rows)
     completed = status["succeeded"]
@@ -780,8 +901,11 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
         "stmts_available": res["stmts_available"],
         "db_cpu_available": res["db_cpu_available"],
         "cpu_model": _cpu_model(),
+        "locust": load.stats if isinstance(load, LocustLoad) else None,
     }
     _write_report(report_dir, opts, summary, audit, extras)
+    if opts.json_path is not None:
+        Path(opts.json_path).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(console, summary, audit, report_dir)
     return {"summary": summary, "audit": audit, "report_dir": report_dir}
 
@@ -906,13 +1030,7 @@ def _write_report(report_dir: Path, opts: BenchOptions, summary: dict[str, Any],
         "",
         "## How it was measured",
         "",
-        f"* Load: {opts.mode} loop, "
-        + (f"{opts.effective_rate:g} starts/s on a fixed schedule (open loop: no coordinated "
-           f"omission); start lag p50/p99/max {lag.get_value_at_percentile(50) / 1000:.1f} / "
-           f"{lag.get_value_at_percentile(99) / 1000:.1f} / {lag.get_max_value() / 1000:.1f} ms"
-           if opts.mode == "open" else
-           f"{opts.concurrency} clients each waiting on handle.result (closed loop: "
-           "throughput is bounded by latency and result polling)")
+        f"* Load: {_load_description(opts, lag, extras.get('locust'))}"
         + f"; {opts.tenants} tenants ({opts.skew}); {opts.steps} steps "
         f"({opts.steps - 1} external + 1 transactional); {opts.payload_bytes} payload bytes.",
         "* Latency: `finished_at - created_at` of each workflow row, read from every node at "
@@ -958,6 +1076,33 @@ def _write_report(report_dir: Path, opts: BenchOptions, summary: dict[str, Any],
     ]
     (report_dir / "report.md").write_text("\n".join(lines))
     _update_index(Path(opts.results_dir), report_dir, summary, audit, opts)
+
+
+def _load_description(opts: BenchOptions, lag: HdrHistogram,
+                      locust: dict[str, Any] | None) -> str:
+    if opts.mode == "open":
+        return (f"open loop, {opts.effective_rate:g} starts/s on a fixed schedule (no "
+                f"coordinated omission); start lag p50/p99/max "
+                f"{lag.get_value_at_percentile(50) / 1000:.1f} / "
+                f"{lag.get_value_at_percentile(99) / 1000:.1f} / "
+                f"{lag.get_max_value() / 1000:.1f} ms")
+    if opts.mode == "closed":
+        return (f"closed loop, {opts.concurrency} clients each waiting on handle.result "
+                "(throughput is bounded by latency and result polling)")
+    procs = (f", master + {opts.locust_processes} worker processes"
+             if opts.locust_processes > 1 else "")
+    remote = (f", master + {opts.locust_expect_workers} remote workers"
+              if opts.locust_expect_workers else "")
+    text = (f"locust (`loadtest/locustfile.py`, headless{procs}{remote}), "
+            f"{opts.locust_users} users each starting a workflow through the psycopg "
+            "client and polling for its end (closed loop)")
+    for kind, what in (("start", "start call"), ("workflow", "start to end seen by the user")):
+        e = (locust or {}).get(kind)
+        if e and e.get("num_requests"):
+            text += (f"; locust's own {what}: {e['num_requests']:,} requests, "
+                     f"{e['num_failures']} failures, mean "
+                     f"{e['total_response_time'] / e['num_requests']:.1f} ms")
+    return text + " (full locust statistics: `locust_*.csv`, `locust_final.json`)"
 
 
 INDEX_HEADER = [
@@ -1035,19 +1180,50 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--keep-old", action="store_true",
                    help="keep earlier bench rows (default: delete them before the run)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write summary.json to PATH")
+    p.add_argument("--peer", choices=("dbos",),
+                   help="then run the same workload on DBOS Transact (pip install dbos) "
+                        "and report both and the ratio")
+    lo = p.add_argument_group("locust as the load generator (pip install locust)")
+    lo.add_argument("--locust-users", type=int,
+                    help="run loadtest/locustfile.py headless with this many users "
+                         "instead of the bench's own load")
+    lo.add_argument("--locust-processes", type=int, default=1,
+                    help="locust master + this many worker processes on this machine")
+    lo.add_argument("--locust-expect-workers", type=int, default=0,
+                    help="run locust as a master waiting for this many workers started "
+                         "elsewhere (locust -f loadtest/locustfile.py --worker "
+                         "--master-host HOST)")
     a = p.parse_args(argv)
+    try:
+        engine_config = json.loads(a.engine_config)
+    except ValueError as exc:
+        raise ValueError(f"--engine-config is not JSON: {exc}") from exc
+    if not isinstance(engine_config, dict):
+        raise ValueError("--engine-config must be a JSON object of EngineConfig fields")
     return BenchOptions(
         cluster_file=a.cluster_file, rate=a.rate, concurrency=a.concurrency,
         duration=a.duration, workflows=a.workflows, tenants=a.tenants, skew=a.skew,
         zipf_s=a.zipf_s, steps=a.steps, payload_bytes=a.payload_bytes,
         worker_processes=a.worker_processes, results_dir=a.results_dir, scenario=a.scenario,
-        engine_config=json.loads(a.engine_config), drain_timeout=a.drain_timeout,
-        clean=not a.keep_old, seed=a.seed)
+        engine_config=engine_config, drain_timeout=a.drain_timeout,
+        clean=not a.keep_old, seed=a.seed, locust_users=a.locust_users,
+        locust_processes=a.locust_processes, locust_expect_workers=a.locust_expect_workers,
+        json_path=a.json, peer=a.peer)
 
 
 def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
-    opts = parse_args(argv)
+    try:
+        opts = parse_args(argv)
+        if not Path(opts.cluster_file).is_file():
+            raise ValueError(f"--cluster-file {opts.cluster_file} does not exist (start a "
+                             f"cluster with 'shardflow cluster up')")
+    except (ValueError, TypeError, ShardflowError) as exc:
+        # bad input: one line, exit 2, before anything starts
+        print(f"shardflow bench: error: {exc}", file=sys.stderr)
+        return 2
     result = run_bench(opts, console_factory())
     return 0 if result["audit"]["ok"] else 1
 
