@@ -87,6 +87,9 @@ class Worker:
         self._hot: dict[str, set[int]] = {}
         self._sweep_now: set[str] = set()  # nodes whose claim loop should sweep at once
         self._to_release: list[context.WorkflowContext] = []
+        # claims under way, and how many have begun: see _reconcile
+        self._claims_inflight = 0
+        self._claims_begun = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -266,16 +269,22 @@ class Worker:
             else:
                 shards = sorted(hot & owned)
             hot.difference_update(shards)  # re-added below if they still have work
+            self._claims_inflight += 1
+            self._claims_begun += 1
+            failed = False
             try:
                 rows, gave = (await self._claim(target, shards, names, limit, cap)
                               if shards else ([], set()))
+                for row in rows:
+                    self._spawn(target.home, row)
             except ShardflowError as exc:
                 log.warning("claim on node %s failed: %s", target.name, exc)
-                rows, gave = [], set()
+                rows, gave, failed = [], set(), True
                 hot.update(shards)
+            finally:
+                self._claims_inflight -= 1
+            if failed:
                 await asyncio.sleep(self.cfg.poll_interval)
-            for row in rows:
-                self._spawn(target.home, row)
             # shards that gave work may have more (a claim takes at most per_tenant_batch
             # from each tenant); shards that gave none wait for a notify or the next sweep
             hot.update(gave)
@@ -403,6 +412,8 @@ class Worker:
                             self._hot.setdefault(node.name, set()).update(
                                 r["shard_id"] for r in rows)
                             self._wake[node.name].set()
+                    if ticks % 10 == 0:
+                        await self._reconcile(node)
                     if ticks % 20 == 0:
                         names = [r["name"] for r in
                                  await self.engine.driver.fetch(node, "live_workflow_names")]
@@ -411,6 +422,29 @@ class Worker:
                         await self.engine.driver.execute(node, "prune_workers")
                 except ShardflowError as exc:
                     log.warning("recovery sweep on node %s failed: %s", node.name, exc)
+
+    async def _reconcile(self, node: Node) -> None:
+        """Hand back workflows the database says we run but we do not: a claim whose
+        commit succeeded while its reply was lost (connection dropped, failover) left
+        them "running" under our live lease, where recovery never looks. Only when no
+        claim was under way during the read: a claim's rows are ours to spawn until it
+        returns."""
+        if self._claims_inflight:
+            return
+        begun = self._claims_begun
+        rows = await self.engine.driver.fetch(node, "my_running", self.worker_id,
+                                              self._shards(node))
+        if self._claims_inflight or self._claims_begun != begun:
+            return
+        for r in rows:
+            if (r["tenant_id"], r["workflow_id"]) in self.running:
+                continue
+            log.warning("workflow %s/%s was claimed but never received: handing it back",
+                        r["tenant_id"], r["workflow_id"])
+            self.engine.metrics["reconciled"] += 1
+            await self.engine.driver.fetchrow(
+                node, "retry_workflow_later", r["tenant_id"], r["shard_id"],
+                r["workflow_id"], r["fence"], 0.0, "claimed but never received")
 
     # -- running one workflow --------------------------------------------------------
 

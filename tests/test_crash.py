@@ -314,3 +314,28 @@ async def _steps(db: PerTestDB, tenant: str, wf: str) -> list[tuple[str, int]]:
         return [(r[0], r[1]) for r in conn.execute(
             "SELECT name, attempts FROM shardflow.steps WHERE workflow_id = %s ORDER BY seq",
             (wf,)).fetchall()]
+
+
+async def test_a_claim_whose_reply_was_lost_is_handed_back(db: PerTestDB) -> None:
+    """A claim can commit while its reply is lost (the connection drops, the primary
+    fails over): the row says "running" under this worker's live lease, and recovery
+    only takes workflows of dead workers. The worker finds it and hands it back."""
+    eng = db.engine()
+
+    @eng.workflow(name="lost_reply")
+    async def lost(x: int) -> int:
+        return x + 1
+
+    tenant = "lost-reply-tenant"
+    shard = db.spec.shard_map.shard(tenant)
+    async with eng:
+        with db.tenant_conn(tenant) as conn:
+            conn.execute(
+                "INSERT INTO shardflow.workflows (tenant_id, shard_id, workflow_id, name, "
+                "inputs, status, owner, fence, attempts, started_at) VALUES (%s, %s, "
+                "'lost-1', 'lost_reply', '{\"args\": [41], \"kwargs\": {}}', 'running', "
+                "%s, 1, 1, now())", (tenant, shard, eng._worker.worker_id))
+            conn.commit()
+        h = await eng.get(tenant, "lost-1")
+        assert await h.result(timeout=30) == 42
+        assert eng.metrics["reconciled"] == 1

@@ -233,6 +233,13 @@ UPDATE shardflow.workflows
    AND fence = $4 AND status = 'running'
 RETURNING 1;
 
+-- name: my_running
+-- Workflows this worker ($1) holds on shards $2: the worker compares them with its
+-- runs to find claims it never received (the connection died after the commit).
+SELECT tenant_id, shard_id, workflow_id, fence
+  FROM shardflow.workflows
+ WHERE owner = $1 AND status = 'running' AND shard_id = ANY ($2::int[]);
+
 -- name: lock_workflow_row
 -- send takes the receiver's row lock first, so a receiver parking itself (suspend) and
 -- a sender cannot both miss each other: see context.WorkflowContext.suspend.
