@@ -72,6 +72,14 @@ class EngineConfig:
     step_backoff_max: float = 10.0
     """Largest retry delay of a failing step. Defaults to 10.0."""
 
+    reconnect_timeout: float = 30.0
+    """Seconds a call (a start, a checkpoint write, a read) keeps retrying a node it
+    cannot reach (a restart, a primary failing over) with jittered exponential backoff
+    before it raises. Retried operations are idempotent by design (starts and
+    checkpoints are keyed by their ids, fenced writes match one row). The worker's
+    background loops retry for a second and try again on their next tick. Defaults
+    to 30."""
+
     connect_timeout: float = 30.0
     """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""
 

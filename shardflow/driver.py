@@ -73,21 +73,31 @@ class Node:
 
 
 async def _with_retry(
-    op: Callable[[], Awaitable[T]], *, what: str, attempts: int = 6, base: float = 0.05
+    op: Callable[[], Awaitable[T]], *, what: str, patience: float, base: float = 0.05
 ) -> T:
-    """Run an idempotent operation, retrying connection-class failures with jittered
-    exponential backoff (a restarting node, a failover). Other errors go straight up."""
-    for i in range(attempts):
+    """Run an idempotent operation, retrying connection-class failures (a restarting
+    node, a failover) with jittered exponential backoff for up to ``patience`` seconds.
+    Other errors go straight up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    i = 0
+    while True:
         try:
             return await op()
         except ShardflowError:
             raise
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             err = translate(exc, context=what)
-            if not isinstance(err, RetryableDatabaseError) or i == attempts - 1:
+            if not isinstance(err, RetryableDatabaseError) or loop.time() >= deadline:
                 raise err from exc
-        await asyncio.sleep(min(2.0, base * 2**i) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+        delay = min(1.0, base * 2**i) * (0.5 + random.random())
+        await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+        i += 1
+
+
+# Background loops (claims, recovery, ownership) retry briefly: they run again on
+# their next tick, and must not stall other nodes' work behind one unreachable node.
+BACKGROUND = 1.0
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -101,7 +111,7 @@ class Driver:
     """Pools for every node of a cluster, routed by the shard map."""
 
     def __init__(self, nodes: Sequence[NodeSpec], shard_map: ShardMap, *, pool_size: int,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, reconnect_timeout: float = 30.0) -> None:
         self.nodes = {n.name: Node(n) for n in nodes}
         # Citus worker nodes, where workers claim from shard placements directly; not
         # part of the shard map (every other call goes through the coordinator)
@@ -109,6 +119,7 @@ class Driver:
         self.shard_map = shard_map
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self.patience = reconnect_timeout
         missing = sorted(set(shard_map.placement) - set(self.nodes))
         if missing:
             raise RoutingError(f"the shard map places shards on node(s) {missing}, "
@@ -167,20 +178,26 @@ class Driver:
 
     # -- primitives ------------------------------------------------------------------
 
-    async def fetch(self, node: Node, query: str, *args: Any) -> list[Record]:
+    async def fetch(self, node: Node, query: str, *args: Any,
+                    patience: float | None = None) -> list[Record]:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).fetch(sql, *args),
-                                 what=f"{query} on node {node.name}")
+                                 what=f"{query} on node {node.name}",
+                                 patience=self.patience if patience is None else patience)
 
-    async def fetchrow(self, node: Node, query: str, *args: Any) -> Record | None:
+    async def fetchrow(self, node: Node, query: str, *args: Any,
+                       patience: float | None = None) -> Record | None:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args),
-                                 what=f"{query} on node {node.name}")
+                                 what=f"{query} on node {node.name}",
+                                 patience=self.patience if patience is None else patience)
 
-    async def execute(self, node: Node, query: str, *args: Any) -> str:
+    async def execute(self, node: Node, query: str, *args: Any,
+                      patience: float | None = None) -> str:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).execute(sql, *args),
-                                 what=f"{query} on node {node.name}")
+                                 what=f"{query} on node {node.name}",
+                                 patience=self.patience if patience is None else patience)
 
     @asynccontextmanager
     async def transaction(self, node: Node) -> AsyncIterator[asyncpg.Connection]:
@@ -213,4 +230,4 @@ class Driver:
     async def claim(self, node: Node, shards: list[int], names: list[str], worker_id: str,
                     limit: int, per_tenant: int, tenant_cap: int) -> list[Record]:
         return await self.fetch(node, "claim_workflows", shards, names, worker_id, limit,
-                                per_tenant, tenant_cap)
+                                per_tenant, tenant_cap, patience=BACKGROUND)

@@ -24,7 +24,7 @@ import psycopg
 from . import clusterfile, context
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
-from .driver import Driver, Q
+from .driver import BACKGROUND, Driver, Q
 from .errors import (
     DatabaseError,
     InvalidArgument,
@@ -276,7 +276,8 @@ class Engine:
         nodes, shard_map = await asyncio.to_thread(self._discover)
         self.shard_map = shard_map
         self.driver = Driver(nodes, shard_map, pool_size=self.config.pool_size,
-                             connect_timeout=self.config.connect_timeout)
+                             connect_timeout=self.config.connect_timeout,
+                             reconnect_timeout=self.config.reconnect_timeout)
         await self.driver.open()
         for q in self._queues.values():
             if q.name == "default" and q == Queue(name="default"):
@@ -383,10 +384,10 @@ class Engine:
         for node in list(self.driver.nodes.values()):
             try:
                 # cheap check first: the full map only when a node has a newer one
-                row = await self.driver.fetchrow(node, "shard_map_epoch")
+                row = await self.driver.fetchrow(node, "shard_map_epoch", patience=BACKGROUND)
                 if row is None or int(row["epoch"]) <= self.shard_map.epoch:
                     continue
-                rows = await self.driver.fetch(node, "read_shard_map")
+                rows = await self.driver.fetch(node, "read_shard_map", patience=BACKGROUND)
             except ShardflowError:
                 continue
             if not rows:

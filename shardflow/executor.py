@@ -25,7 +25,7 @@ import asyncpg
 import psycopg
 
 from . import context
-from .driver import Node, Q
+from .driver import BACKGROUND, Node, Q
 from .errors import (
     NonDeterminismError,
     RetryableDatabaseError,
@@ -196,7 +196,7 @@ class Worker:
         for home in driver.nodes.values():
             parts = [f"shardflow.workflows_s{s}"
                      for s in self.engine.shard_map.shards_of(home.name)]
-            for row in await driver.fetch(home, "citus_placements", parts):
+            for row in await driver.fetch(home, "citus_placements", parts, patience=BACKGROUND):
                 node = await driver.placement_node(row["nodename"], row["nodeport"],
                                                    home.spec.dsn)
                 self._add_target(_Target(node.name, node, home))
@@ -306,7 +306,7 @@ class Worker:
         # Citus: budgets from the coordinator (the queue tables live there), the claim
         # on the Citus worker's placements themselves (FOR UPDATE SKIP LOCKED on plain
         # tables), then the rate-limit tokens back on the coordinator.
-        budgets = await driver.fetch(target.home, "queue_budgets", limit, cap)
+        budgets = await driver.fetch(target.home, "queue_budgets", limit, cap, patience=BACKGROUND)
         if not budgets:
             return [], set()
         tables = [self._placements[u][1] for u in units]
@@ -316,7 +316,7 @@ class Worker:
                 target.node, "claim_tables", tables,
                 [b["queue"] for b in budgets], [b["budget"] for b in budgets],
                 [b["tenant_cap"] for b in budgets], [b["cap_per_queue"] for b in budgets],
-                names, self.worker_id, limit, self.cfg.per_tenant_batch)
+                names, self.worker_id, limit, self.cfg.per_tenant_batch, patience=BACKGROUND)
 
         if any(b["concurrency_limited"] for b in budgets):
             # Budgets read apart from the claim race with other claimers (every one
@@ -332,7 +332,7 @@ class Worker:
         spent = [r["queue"] for r in rows if r["queue"] in limited]
         if spent:
             try:
-                await driver.execute(target.home, "queue_spend", spent)
+                await driver.execute(target.home, "queue_spend", spent, patience=BACKGROUND)
             except ShardflowError as exc:
                 # the claim is committed: run the workflows; the bucket refills anyway
                 log.warning("spending rate tokens on node %s failed: %s",
@@ -378,7 +378,7 @@ class Worker:
         rows = await self.engine.driver.fetch(
             node, "check_inflight", [k[0] for k, _ in mine], [k[1] for k, _ in mine],
             [r.fence for _, r in mine], [r.shard for _, r in mine],
-        )
+            patience=BACKGROUND)
         for row in rows:
             key = (row["tenant_id"], row["workflow_id"])
             r = self.running.get(key)
@@ -399,10 +399,12 @@ class Worker:
                     continue
                 try:
                     live = [r["worker_id"] for r in
-                            await self.engine.driver.fetch(node, "live_workers")]
+                            await self.engine.driver.fetch(node, "live_workers",
+                                                           patience=BACKGROUND)]
                     rows = await self.engine.driver.fetch(node, "recover_orphans",
                                                           self._shards(node), live,
-                                                          self.cfg.lease_timeout)
+                                                          self.cfg.lease_timeout,
+                                                          patience=BACKGROUND)
                     if rows:
                         self.engine.metrics["recovered"] += len(rows)
                         log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
@@ -416,10 +418,12 @@ class Worker:
                         await self._reconcile(node)
                     if ticks % 20 == 0:
                         names = [r["name"] for r in
-                                 await self.engine.driver.fetch(node, "live_workflow_names")]
+                                 await self.engine.driver.fetch(node, "live_workflow_names",
+                                                                patience=BACKGROUND)]
                         await self.engine.driver.execute(node, "mark_unrunnable",
-                                                         self._shards(node), names)
-                        await self.engine.driver.execute(node, "prune_workers")
+                                                         self._shards(node), names,
+                                                         patience=BACKGROUND)
+                        await self.engine.driver.execute(node, "prune_workers", patience=BACKGROUND)
                 except ShardflowError as exc:
                     log.warning("recovery sweep on node %s failed: %s", node.name, exc)
 
@@ -433,7 +437,7 @@ class Worker:
             return
         begun = self._claims_begun
         rows = await self.engine.driver.fetch(node, "my_running", self.worker_id,
-                                              self._shards(node))
+                                              self._shards(node), patience=BACKGROUND)
         if self._claims_inflight or self._claims_begun != begun:
             return
         for r in rows:
@@ -444,7 +448,8 @@ class Worker:
             self.engine.metrics["reconciled"] += 1
             await self.engine.driver.fetchrow(
                 node, "retry_workflow_later", r["tenant_id"], r["shard_id"],
-                r["workflow_id"], r["fence"], 0.0, "claimed but never received")
+                r["workflow_id"], r["fence"], 0.0, "claimed but never received",
+                patience=BACKGROUND)
 
     # -- running one workflow --------------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .driver import Driver, Node
+from .driver import BACKGROUND, Driver, Node
 from .errors import ShardflowError
 
 log = logging.getLogger("shardflow.ownership")
@@ -53,7 +53,7 @@ class ShardOwnership:
     async def _members(self) -> list[str]:
         for node in self.driver.nodes.values():
             try:
-                rows = await self.driver.fetch(node, "live_workers")
+                rows = await self.driver.fetch(node, "live_workers", patience=BACKGROUND)
                 return [r["worker_id"] for r in rows]
             except ShardflowError as exc:
                 log.warning("membership from node %s failed: %s", node.name, exc)
@@ -66,13 +66,14 @@ class ShardOwnership:
         before = {k: set(v) for k, v in self.owned.items()}
         for node in nodes:
             try:
-                rows = await self.driver.fetch(node, "owned_shards", self.worker_id)
+                rows = await self.driver.fetch(node, "owned_shards", self.worker_id,
+                                               patience=BACKGROUND)
                 held = {r["shard_id"] for r in rows}
                 here = set(units[node.name])
                 if held - here:
                     # leases for shards that moved away (taken with a stale map): let go
                     await self.driver.execute(node, "release_shards", sorted(held - here),
-                                              self.worker_id)
+                                              self.worker_id, patience=BACKGROUND)
                 self.owned[node.name] = held & here
             except ShardflowError as exc:
                 log.warning("reading shard leases on node %s failed: %s", node.name, exc)
@@ -97,7 +98,8 @@ class ShardOwnership:
             node_name = max(self.owned, key=lambda n: len(self.owned[n]))
             give = sorted(self.owned[node_name])[-extra:]
             node = self.driver.nodes[node_name]
-            await self.driver.execute(node, "release_shards", give, self.worker_id)
+            await self.driver.execute(node, "release_shards", give, self.worker_id,
+                                      patience=BACKGROUND)
             self.owned[node_name] -= set(give)
             extra -= len(give)
 
@@ -108,11 +110,13 @@ class ShardOwnership:
             if need <= 0:
                 return
             try:
-                free = await self.driver.fetch(node, "free_shards", units[node.name], need)
+                free = await self.driver.fetch(node, "free_shards", units[node.name], need,
+                                               patience=BACKGROUND)
                 if not free:
                     continue
                 got = await self.driver.fetch(node, "acquire_shards",
-                                              [r["shard_id"] for r in free], self.worker_id)
+                                              [r["shard_id"] for r in free], self.worker_id,
+                                              patience=BACKGROUND)
             except ShardflowError as exc:
                 log.warning("acquiring shards on node %s failed: %s", node.name, exc)
                 continue
@@ -123,5 +127,6 @@ class ShardOwnership:
         for node in self.driver.nodes.values():
             if self.owned.get(node.name):
                 await self.driver.execute(node, "release_shards",
-                                          sorted(self.owned[node.name]), self.worker_id)
+                                          sorted(self.owned[node.name]), self.worker_id,
+                                          patience=BACKGROUND)
             self.owned[node.name] = set()
