@@ -6,14 +6,16 @@ usual ``$SHARDFLOW_CLUSTER`` / ``.shardflow/cluster.json``) and its engine setti
 ``$SHARDFLOW_BENCH_CONFIG`` (JSON of EngineConfig fields), so the bench's client and its
 workers are configured identically without editing this file.
 
-One workflow, ``bench.flow(steps, payload)``: ``steps - 1`` external steps that do no
-work (so the figures are the engine's own cost per checkpoint) and one transactional
+One workflow, ``bench.flow(steps, payload, step_ms=0)``: ``steps - 1`` external steps
+that do no work (so the figures are the engine's own cost per checkpoint; with
+``step_ms`` each waits that long, as a call to another service would) and one transactional
 step that inserts a row into ``public.bench_effects`` on the tenant's node, committed
 with its checkpoint: the audit counts those rows to prove exactly-once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -50,7 +52,9 @@ def make_engine(cluster_file: str | Path | None = None, *,
                  run_workers=run_workers)
 
     @eng.step(name="bench.noop")
-    async def noop(i: int) -> int:
+    async def noop(i: int, ms: float = 0.0) -> int:
+        if ms > 0:
+            await asyncio.sleep(ms / 1000)  # stands for a call to another service
         return i
 
     @eng.transaction(name="bench.effect")
@@ -61,11 +65,11 @@ def make_engine(cluster_file: str | Path | None = None, *,
         return seq
 
     @eng.workflow(name=WORKFLOW_NAME)
-    async def flow(steps: int, payload: str) -> int:
+    async def flow(steps: int, payload: str, step_ms: float = 0.0) -> int:
         # the payload rides in the inputs (written once at start, read at each claim);
         # the steps return small values so the payload is not multiplied per checkpoint
         for i in range(steps - 1):
-            await noop(i)
+            await noop(i, step_ms)
         await effect(steps - 1)
         return len(payload)
 

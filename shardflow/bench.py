@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from hdrh.histogram import HdrHistogram
@@ -94,6 +94,9 @@ class BenchOptions:
     zipf_s: float = 1.1
     steps: int = 3
     payload_bytes: int = 100
+    # each external step waits this long (a call to another service): workflows are
+    # then in flight long enough for a drill to catch some mid-run
+    step_ms: float = 0.0
     worker_processes: int = 2
     results_dir: Path = Path("results")
     scenario: str | None = None
@@ -120,6 +123,8 @@ class BenchOptions:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1 (the transactional step), got {self.steps}")
+        if self.step_ms < 0:
+            raise ValueError(f"--step-ms must be >= 0, got {self.step_ms}")
         if self.tenants < 1 or self.worker_processes < 1 or self.payload_bytes < 0:
             raise ValueError("--tenants and --worker-processes must be >= 1, "
                              "--payload-bytes >= 0")
@@ -175,6 +180,7 @@ class BenchOptions:
             args += ["--duration", f"{self.duration:g}"]
         args += ["--tenants", str(self.tenants), "--skew", self.skew, "--steps",
                  str(self.steps), "--payload-bytes", str(self.payload_bytes),
+                 "--step-ms", f"{self.step_ms:g}",
                  "--worker-processes", str(self.worker_processes),
                  "--results-dir", str(self.results_dir)]
         if self.scenario:
@@ -386,6 +392,27 @@ async def _wait_ready(nodes: list[NodeState], procs: list[subprocess.Popen[bytes
         await asyncio.sleep(0.2)
 
 
+# -- faults (drills) ---------------------------------------------------------------------
+
+
+@dataclass
+class FaultContext:
+    """What a fault injected during a run can reach."""
+
+    procs: list[subprocess.Popen[bytes]]  # the worker processes
+    nodes: list[NodeState]  # direct connections to the shardflow nodes
+    spec: ClusterSpec
+    console: Console
+    monitor: Monitor
+
+
+class Fault(Protocol):
+    """Runs alongside the load (started with it); returns its own measurements. The
+    run drains only after it returns."""
+
+    async def run(self, ctx: FaultContext) -> dict[str, Any]: ...
+
+
 # -- the load ----------------------------------------------------------------------------
 
 
@@ -411,6 +438,7 @@ class Load:
         # would make the WAL figures look better than real data does)
         self.payload = rng.randbytes(opts.payload_bytes).hex()[:opts.payload_bytes]
         self.submitted = 0
+        self.acked: list[str] = []  # workflow ids whose start returned (durable)
         self.start_errors = 0
         self.result_errors = 0
         self.last_error = ""
@@ -427,6 +455,7 @@ class Load:
     async def start_one(self, i: int, due: float | None) -> Any:
         try:
             h = await self.engine.start(WORKFLOW_NAME, self.opts.steps, self.payload,
+                                        self.opts.step_ms,
                                         tenant=self.tenant(),
                                         workflow_id=f"{self.run_id}-{i}")
         except Exception as exc:  # counted and shown: a load test must not stop on one
@@ -434,6 +463,7 @@ class Load:
             self.last_error = f"start: {type(exc).__name__}: {exc}"[:200]
             return None
         self.submitted += 1
+        self.acked.append(h.workflow_id)
         if due is not None:
             lag = int((asyncio.get_running_loop().time() - due) * 1e6)
             self.start_lag.record_value(min(max(lag, 1), HIST_MAX_US))
@@ -708,7 +738,8 @@ def _servers(spec: ClusterSpec) -> list[NodeSpec]:
 
 
 async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subprocess.Popen[bytes]],
-                     run_id: str, console: Console, report_dir: Path) -> dict[str, Any]:
+                     run_id: str, console: Console, report_dir: Path,
+                     fault: Fault | None) -> dict[str, Any]:
     flows = _load_benchflows()
     config = EngineConfig(**opts.engine_config)
     engine = flows.make_engine(Path(opts.cluster_file), config=config, run_workers=False)
@@ -737,6 +768,9 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         before = await _snapshot(servers, [p.pid for p in procs])
         await monitor.poll()
         load_task = asyncio.create_task(load.run())
+        fault_task = (asyncio.create_task(fault.run(FaultContext(
+            procs=procs, nodes=nodes, spec=spec, console=console, monitor=monitor)))
+            if fault is not None else None)
         drain_deadline: float | None = None
         with Live(monitor.render(), console=console, refresh_per_second=2,
                   transient=False) as live:
@@ -749,12 +783,14 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                 live.update(monitor.render())
                 if drain_deadline is not None:
                     terminal = monitor.completed + monitor.failed
-                    if monitor.backlog == 0 and terminal >= load.submitted:
+                    if (monitor.backlog == 0 and terminal >= load.submitted
+                            and (fault_task is None or fault_task.done())):
                         break
                     if time.monotonic() > drain_deadline:
                         console.print(f"[red]drain timeout: {monitor.backlog} workflows "
                                       f"still pending or running[/red]")
                         break
+        fault_result = await fault_task if fault_task is not None else None
         after = await _snapshot(servers, [p.pid for p in procs])
         wal = 0
         for n, a, b in zip(servers, before["wal"], after["wal"], strict=True):
@@ -763,7 +799,7 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                 "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", b, a))
         # The final read: every row of this run on every node.
         rows: list[tuple[str, str, float, float | None]] = []
-        dup_keys = effect_rows = effect_keys = 0
+        dup_keys = effect_rows = effect_keys = reruns = 0
         per_node: dict[str, dict[str, int]] = {}
         for n in nodes:
             recs = await n.conn.fetch(
@@ -776,6 +812,10 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                 "SELECT count(*) FILTER (WHERE k > 1) AS dup, coalesce(sum(k), 0) AS total, "
                 "count(*) AS keys FROM (SELECT count(*) AS k FROM public.bench_effects "
                 "WHERE workflow_id LIKE $1 GROUP BY tenant_id, workflow_id, seq) x", pattern)
+            # executions of non-transactional steps beyond the first: crash re-runs
+            reruns += int(await n.conn.fetchval(
+                "SELECT coalesce(sum(attempts - 1), 0) FROM shardflow.steps "
+                "WHERE kind = 'step' AND workflow_id LIKE $1", pattern))
             dup_keys += int(e["dup"])
             effect_rows += int(e["total"])
             effect_keys += int(e["keys"])
@@ -783,6 +823,7 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
             "load": load, "monitor": monitor, "before": before, "after": after, "wal": wal,
             "rows": rows, "dup_keys": dup_keys, "effect_rows": effect_rows,
             "effect_keys": effect_keys, "per_node": per_node, "pg_version": pg_version,
+            "reruns_external": reruns, "fault": fault_result,
             "pg_settings": pg_settings, "stmts_available": all(n.has_pss for n in servers),
             "db_cpu_available": all(n.postmaster is not None for n in servers),
         }
@@ -802,10 +843,15 @@ def _per_wf(value: int | None, completed: int, digits: int = 1) -> float | None:
     return round(value / completed, digits)
 
 
-def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
+def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = None,
+              monitor_spec: ClusterSpec | None = None) -> dict[str, Any]:
     """Run one benchmark; write its report; return ``{"summary", "audit",
-    "report_dir"}`` (``summary`` is what summary.json holds)."""
-    spec = clusterfile.load(Path(opts.cluster_file))
+    "report_dir", ...}`` (``summary`` is what summary.json holds).
+
+    For drills: ``fault`` runs alongside the load (see :class:`Fault`), and
+    ``monitor_spec`` is how the bench itself reaches the nodes when the workers and the
+    load go through ``opts.cluster_file`` (e.g. a fault-injecting proxy)."""
+    spec = monitor_spec or clusterfile.load(Path(opts.cluster_file))
     nodes = _primaries(spec)
     scenario = opts.scenario or f"bench-{len(nodes)}n-{opts.tenants}t-{opts.steps}s"
     date = dt.date.today().isoformat()
@@ -821,7 +867,7 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
                   f"{opts.worker_processes} worker processes, {opts.mode} loop ({load_desc})")
     procs = _start_workers(opts, report_dir)
     try:
-        res = asyncio.run(_run_async(opts, spec, procs, run_id, console, report_dir))
+        res = asyncio.run(_run_async(opts, spec, procs, run_id, console, report_dir, fault))
     finally:
         exit_codes = _stop_workers(procs)
         for log in report_dir.glob("worker-*.log"):
@@ -872,7 +918,7 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
                       else None, "concurrency": opts.concurrency, "duration": opts.duration,
                       "workflows": opts.workflows, "skew": opts.skew,
                       "zipf_s": opts.zipf_s if opts.skew == "zipf" else None,
-                      "payload_bytes": opts.payload_bytes,
+                      "payload_bytes": opts.payload_bytes, "step_ms": opts.step_ms,
                       "worker_processes": opts.worker_processes, "seed": opts.seed},
         },
     }
@@ -887,6 +933,7 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
         "duplicates": res["dup_keys"],
         "effect_rows": res["effect_rows"],
         "effect_keys": res["effect_keys"],
+        "reruns_external": res["reruns_external"],
         "start_errors": load.start_errors,
         "result_errors": load.result_errors,
         "per_node": res["per_node"],
@@ -907,7 +954,8 @@ def run_bench(opts: BenchOptions, console: Console) -> dict[str, Any]:
     if opts.json_path is not None:
         Path(opts.json_path).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(console, summary, audit, report_dir)
-    return {"summary": summary, "audit": audit, "report_dir": report_dir}
+    return {"summary": summary, "audit": audit, "report_dir": report_dir, "rows": rows,
+            "acked": getattr(load, "acked", None), "fault": res["fault"], "run_id": run_id}
 
 
 # -- the report --------------------------------------------------------------------------
@@ -1171,6 +1219,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--payload-bytes", type=int, default=100)
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="each external step waits this long (default 0: no work)")
     p.add_argument("--worker-processes", type=int, default=2)
     p.add_argument("--results-dir", type=Path, default=Path("results"))
     p.add_argument("--scenario")
@@ -1205,7 +1255,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     return BenchOptions(
         cluster_file=a.cluster_file, rate=a.rate, concurrency=a.concurrency,
         duration=a.duration, workflows=a.workflows, tenants=a.tenants, skew=a.skew,
-        zipf_s=a.zipf_s, steps=a.steps, payload_bytes=a.payload_bytes,
+        zipf_s=a.zipf_s, steps=a.steps, payload_bytes=a.payload_bytes, step_ms=a.step_ms,
         worker_processes=a.worker_processes, results_dir=a.results_dir, scenario=a.scenario,
         engine_config=engine_config, drain_timeout=a.drain_timeout,
         clean=not a.keep_old, seed=a.seed, locust_users=a.locust_users,

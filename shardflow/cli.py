@@ -27,6 +27,7 @@ EPILOG = """examples:
   shardflow cluster status                nodes, roles, ports, shards
   shardflow demo                          cluster up, run workflows, print a summary
   shardflow bench --rate 50 --duration 15 a load run with a live dashboard and a report
+  shardflow drill worker-crash --kill 1   SIGKILL a worker under load; recovery + audit
   shardflow worker myapp.flows:engine --processes 2
   shardflow workflows list --tenant acme --status pending
   shardflow cluster down --purge          stop every node and delete the data
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="load test: workflows/s, latency, database cost per workflow, a report",
         description="Run 'shardflow bench --help' for its options.")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    dr = sub.add_parser(
+        "drill", add_help=False,
+        help="failure drill under load: failover, worker-crash, network; integrity audit",
+        description="Run 'shardflow drill --help' for its options.")
+    dr.add_argument("drill_args", nargs=argparse.REMAINDER)
 
     dm = sub.add_parser("demo", help="cluster up, start and complete workflows, print a summary")
     dm.add_argument("--nodes", type=_positive_int("--nodes"), default=3)
@@ -271,6 +278,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(list(args.bench_args))
 
 
+def _drill(args: argparse.Namespace) -> int:
+    from .drill import main as drill_main
+
+    return drill_main(list(args.drill_args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -280,9 +293,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # the bench has its own option parser (also: python -m shardflow.bench)
+    if argv[:1] in (["bench"], ["drill"]):
+        # the bench and the drills have their own option parsers (also: python -m
+        # shardflow.bench / shardflow.drill)
         try:
+            if argv[0] == "drill":
+                return _drill(argparse.Namespace(drill_args=argv[1:]))
             return _bench(argparse.Namespace(bench_args=argv[1:]))
         except ShardflowError as exc:
             err_console.print(f"shardflow: error: {exc}", markup=False, highlight=False,
@@ -297,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shard": _shard,
         "demo": _demo,
         "bench": _bench,
+        "drill": _drill,
     }
     try:
         return handlers[args.command](args)

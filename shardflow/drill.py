@@ -1,0 +1,449 @@
+"""``shardflow drill``: kill something real under load; measure recovery; audit integrity.
+
+A drill is a bench run (same workers, same open-loop load, same dashboard and report)
+with a fault injected ``--fault-at`` seconds into the load:
+
+* ``worker-crash``: SIGKILL ``--kill K`` of the worker processes. Measured: how long
+  each workflow the dead workers held ("orphan") waited until another worker took it
+  over (p50/p99/max), from the kill.
+* ``network``: the workers and the load reach node ``--node`` through a TCP proxy the
+  drill controls; for ``--fault-for`` seconds it resets every connection and refuses
+  new ones (``--mode drop``) or forwards nothing (``--mode stall``).
+* ``failover``: SIGKILL node ``--node``'s primary (Patroni and its Postgres, as a machine
+  loss) on a cluster started with ``shardflow cluster up --ha``; measured: detection
+  (the old leader's key gone), promotion (a standby answers as primary), recovery.
+
+Every drill then reports throughput before the fault, the dip, the time until
+completed/s is back to >= 90% of the pre-fault rate, and the **integrity audit**: every
+acknowledged start completed exactly once (``lost``), no transactional step applied
+twice (``duplicates_tx``), re-runs of non-transactional steps counted
+(``reruns_external``). Reports go to ``results/<date>-drill-<kind>/`` (``drill.json``
+with the fields below, ``report.md``, ``drill.png``) next to the bench's own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from . import clusterfile
+from .bench import BenchOptions, FaultContext, run_bench
+from .clusterfile import ClusterSpec, NodeSpec
+from .config import EngineConfig
+from .driver import dsn_for_server
+from .errors import ShardflowError
+from .netproxy import TcpProxy
+
+DRILL_FIELDS = ("fault", "detect_s", "promote_s", "recovery_s", "throughput_before",
+                "throughput_min", "lost", "duplicates_tx", "reruns_external",
+                "acknowledged", "completed")
+
+# Engine settings of the drills unless --engine-config says otherwise: a 1 s lease
+# (heartbeat every 0.25 s) bounds how long a dead worker's workflows wait.
+DRILL_ENGINE = {"lease_timeout": 1.0, "heartbeat_interval": 0.25, "recovery_interval": 0.25}
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))], 3)
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerCrash:
+    kill: int
+    at: float
+
+    async def run(self, ctx: FaultContext) -> dict[str, Any]:
+        # connections of its own: the dashboard's poll uses the bench's meanwhile
+        conns = [await asyncpg.connect(n.spec.dsn) for n in ctx.nodes]
+        try:
+            return await self._run(ctx, conns)
+        finally:
+            for c in conns:
+                await c.close()
+
+    async def _run(self, ctx: FaultContext, conns: list[asyncpg.Connection]) -> dict[str, Any]:
+        await asyncio.sleep(self.at)
+        victims = ctx.procs[: self.kill]
+        pids = [p.pid for p in victims]
+        ids = [r["worker_id"] for r in await conns[0].fetch(
+            "SELECT worker_id FROM shardflow.workers WHERE pid = ANY($1::int[])", pids)]
+        t_kill = time.time()
+        for p in victims:
+            os.kill(p.pid, signal.SIGKILL)
+        ctx.console.log(f"drill: SIGKILLed worker processes {pids}")
+        # the orphans: what the dead workers held at the kill (their rows still say so)
+        orphans: dict[tuple[str, str], float | None] = {}
+        for conn in conns:
+            for r in await conn.fetch(
+                    "SELECT tenant_id, workflow_id FROM shardflow.workflows "
+                    "WHERE owner = ANY($1::text[]) AND status = 'running'", ids):
+                orphans[(r["tenant_id"], r["workflow_id"])] = None
+        # poll until every orphan runs again under a live worker (or has finished):
+        # detected = released from the dead worker, resumed = claimed again
+        detected: dict[tuple[str, str], float] = {}
+        deadline = time.monotonic() + 120
+        while any(v is None for v in orphans.values()) and time.monotonic() < deadline:
+            waiting = [k for k, v in orphans.items() if v is None]
+            now = time.time()
+            for conn in conns:
+                rows = await conn.fetch(
+                    "SELECT tenant_id, workflow_id, status, owner FROM shardflow.workflows "
+                    "WHERE tenant_id = ANY($1::text[]) AND workflow_id = ANY($2::text[]) "
+                    "AND NOT (status = 'running' AND owner = ANY($3::text[]))",
+                    [k[0] for k in waiting], [k[1] for k in waiting], ids)
+                for r in rows:
+                    key = (r["tenant_id"], r["workflow_id"])
+                    if key not in orphans:
+                        continue
+                    detected.setdefault(key, now - t_kill)
+                    if r["status"] != "pending":
+                        orphans[key] = now - t_kill
+            await asyncio.sleep(0.05)
+        resumed = [v for v in orphans.values() if v is not None]
+        return {
+            "t_fault": t_kill, "killed_pids": pids, "killed_workers": ids,
+            "orphans": len(orphans), "orphans_not_resumed": len(orphans) - len(resumed),
+            "resume_s": {"p50": _pct(resumed, 50), "p99": _pct(resumed, 99),
+                         "max": round(max(resumed), 3) if resumed else None},
+            # the dead workers' lease lapsing, seen as their first orphan released
+            "detect_s": round(min(detected.values()), 3) if detected else None,
+        }
+
+
+@dataclass
+class NetworkFault:
+    proxy: TcpProxy
+    node: str
+    mode: str
+    at: float
+    hold: float
+
+    async def run(self, ctx: FaultContext) -> dict[str, Any]:
+        await asyncio.sleep(self.at)
+        t_fault = time.time()
+        await asyncio.to_thread(self.proxy.set_mode, self.mode)
+        ctx.console.log(f"drill: network to node {self.node}: {self.mode} for {self.hold:g}s")
+        await asyncio.sleep(self.hold)
+        await asyncio.to_thread(self.proxy.set_mode, "pass")
+        t_heal = time.time()
+        ctx.console.log(f"drill: network to node {self.node} restored")
+        return {"t_fault": t_fault, "t_heal": t_heal, "node": self.node, "mode": self.mode,
+                "fault_for_s": round(t_heal - t_fault, 3), "detect_s": None}
+
+
+# -- measurements --------------------------------------------------------------------------
+
+
+def recovery_figures(finishes: list[float], t_fault: float, t_load_end: float,
+                     window: float = 10.0) -> dict[str, float | None]:
+    """From completion times (epoch s): mean completed/s over up to ``window`` seconds
+    before the fault; the lowest 1-second rate after it (while load still arrived); and
+    the time from the fault until a 1-second rate is back to >= 90% of the former."""
+    finishes = sorted(finishes)
+    first = finishes[0] if finishes else t_fault
+    span = max(1.0, min(window, t_fault - first - 1.0))  # skip the first second (warm-up)
+    before = sum(1 for f in finishes if t_fault - span <= f < t_fault) / span
+
+    def rate(t: float) -> int:  # completions in [t - 1, t)
+        lo = _bisect(finishes, t - 1.0)
+        return _bisect(finishes, t) - lo
+
+    steps = [t_fault + 1.0 + 0.1 * i for i in range(int(max(0.0, t_load_end - t_fault - 1) * 10))]
+    rates = [(t, rate(t)) for t in steps]
+    if not rates or before <= 0:
+        return {"throughput_before": round(before, 1), "throughput_min": None,
+                "recovery_s": None}
+    t_min, low = min(rates, key=lambda x: x[1])
+    recovery: float | None
+    if low >= 0.9 * before:
+        recovery = 0.0  # no dip below 90%
+    else:
+        back = next((t for t, r in rates if t > t_min and r >= 0.9 * before), None)
+        recovery = round(back - t_fault, 2) if back is not None else None
+    return {"throughput_before": round(before, 1), "throughput_min": float(low),
+            "recovery_s": recovery}
+
+
+def _bisect(xs: list[float], v: float) -> int:
+    lo, hi = 0, len(xs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if xs[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def drill_summary(kind: str, result: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:
+    """The drill's figures (``DRILL_FIELDS`` first) from a finished bench run."""
+    fault = result["fault"] or {}
+    rows: list[tuple[str, str, float, float | None]] = result["rows"]
+    audit = result["audit"]
+    acked = set(result["acked"] or [])
+    in_db = {r[0] for r in rows}
+    finishes = [float(r[3]) for r in rows if r[1] == "succeeded" and r[3] is not None]
+    t_first = min((r[2] for r in rows), default=0.0)
+    figures = recovery_figures(finishes, fault.get("t_fault", t_first),
+                               t_first + opts.duration)
+    lost = len(acked - in_db)
+    summary: dict[str, Any] = {
+        "fault": kind,
+        "detect_s": fault.get("detect_s"),
+        "promote_s": fault.get("promote_s"),
+        "recovery_s": figures["recovery_s"],
+        "throughput_before": figures["throughput_before"],
+        "throughput_min": figures["throughput_min"],
+        "lost": lost,
+        "duplicates_tx": audit["duplicates"],
+        "reruns_external": audit["reruns_external"],
+        "acknowledged": len(acked),
+        "completed": audit["completed"],
+    }
+    assert tuple(summary) == DRILL_FIELDS
+    summary["unacknowledged_committed"] = len(in_db - acked)  # start errored, yet durable
+    summary["failed"] = audit["failed"]
+    summary["unfinished"] = audit["unfinished"]
+    summary["client_errors"] = audit["start_errors"] + audit["result_errors"]
+    summary["integrity_ok"] = (lost == 0 and audit["duplicates"] == 0
+                               and audit["failed"] == 0 and audit["unfinished"] == 0
+                               and audit["completed"] == len(in_db))
+    summary["details"] = {k: v for k, v in fault.items() if not k.startswith("t_")}
+    summary["fault_at_s"] = round(fault["t_fault"] - t_first, 3) if "t_fault" in fault else None
+    summary["engine"] = opts.engine_config
+    summary["bench_summary"] = str(Path(result["report_dir"]) / "summary.json")
+    return summary
+
+
+def _plot(report_dir: Path, rows: list[tuple[str, str, float, float | None]],
+          fault: dict[str, Any], kind: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not rows:
+        return
+    t0 = min(r[2] for r in rows)
+    ends = sorted(float(r[3]) - t0 for r in rows if r[1] == "succeeded" and r[3] is not None)
+    starts = sorted(r[2] - t0 for r in rows)
+    horizon = max([*ends, *starts, 1.0])
+    xs = [0.25 * i for i in range(int(horizon * 4) + 1)]
+
+    def per_sec(ts: list[float]) -> list[int]:
+        return [_bisect(ts, x) - _bisect(ts, x - 1.0) for x in xs]
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(xs, per_sec(starts), label="started/s", alpha=0.6)
+    ax.plot(xs, per_sec(ends), label="completed/s")
+    if "t_fault" in fault:
+        ax.axvline(fault["t_fault"] - t0, color="red", linestyle="--", label=f"fault: {kind}")
+    if "t_heal" in fault:
+        ax.axvline(fault["t_heal"] - t0, color="green", linestyle=":", label="healed")
+    ax.set_xlabel("seconds since the first start")
+    ax.set_ylabel("workflows per second (1 s window)")
+    ax.set_title(f"drill {kind}: throughput around the fault")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "drill.png", dpi=110)
+    plt.close(fig)
+
+
+def _write(report_dir: Path, summary: dict[str, Any], command: str) -> None:
+    (report_dir / "drill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ok = summary["integrity_ok"]
+    lines = [
+        f"# Drill: {summary['fault']}",
+        "",
+        f"Integrity audit: **{'passed' if ok else 'FAILED'}**: {summary['acknowledged']:,} "
+        f"acknowledged starts, {summary['lost']} lost, {summary['completed']:,} completed, "
+        f"{summary['duplicates_tx']} transactional steps applied twice, "
+        f"{summary['reruns_external']} re-runs of non-transactional steps (counted, "
+        f"allowed), {summary['unacknowledged_committed']} starts that errored for the "
+        f"client yet were committed (completed like the others), "
+        f"{summary['client_errors']} client errors.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {k} | {summary[k]} |" for k in DRILL_FIELDS),
+        f"| fault at (s after the first start) | {summary['fault_at_s']} |",
+        "",
+        "Details of the fault:",
+        "",
+        "```json",
+        json.dumps(summary["details"], indent=2),
+        "```",
+        "",
+        "`recovery_s`: from the fault until a 1-second window of completions is back to "
+        "at least 90% of the mean rate before it (0 when it never fell below). "
+        "`throughput_min`: the lowest 1-second window after the fault while load "
+        "arrived. The load is open loop, so work that waited out the fault arrives late "
+        "and completes in a burst after it.",
+        "",
+        "![drill](drill.png)",
+        "",
+        "Command:",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "The bench's own report of this run (latency, cost per workflow, machine, "
+        "versions, settings) follows.",
+        "",
+    ]
+    bench_md = report_dir / "report.md"
+    rest = bench_md.read_text() if bench_md.exists() else ""
+    bench_md.write_text("\n".join(lines) + "\n---\n\n" + rest)
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def _node_named(spec: ClusterSpec, node: str) -> NodeSpec:
+    names = [n.name for n in spec.nodes if n.role in ("primary", "coordinator")]
+    if node.isdigit() and int(node) < len(names):
+        node = names[int(node)]
+    for n in spec.nodes:
+        if n.name == node and n.role in ("primary", "coordinator"):
+            return n
+    raise ValueError(f"--node {node!r} is not a node of this cluster (nodes: "
+                     f"{', '.join(names)}; or an index 0..{len(names) - 1})")
+
+
+def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    spec = clusterfile.load(Path(args.cluster_file))
+    engine = {**DRILL_ENGINE, **json.loads(args.engine_config)}
+    EngineConfig(**engine)
+    results = Path(args.results_dir)
+    base = dict(cluster_file=Path(args.cluster_file), rate=args.rate, duration=args.duration,
+                tenants=args.tenants, steps=args.steps, worker_processes=args.worker_processes,
+                results_dir=results, scenario=f"drill-{args.kind}", engine_config=engine,
+                payload_bytes=100, step_ms=args.step_ms, drain_timeout=args.drain_timeout)
+    fault: Any
+    proxy: TcpProxy | None = None
+    monitor_spec: ClusterSpec | None = None
+    if args.kind == "worker-crash":
+        if args.kill >= args.worker_processes:
+            raise ValueError(f"--kill {args.kill} would leave no worker process of "
+                             f"--worker-processes {args.worker_processes}")
+        fault = WorkerCrash(kill=args.kill, at=args.fault_at)
+    elif args.kind == "network":
+        target = _node_named(spec, args.node)
+        proxy = TcpProxy(target.host, target.port)
+        port = proxy.start()
+        # the workers and the load reach the node through the proxy; the drill itself
+        # (monitoring, audit) goes direct
+        proxied = ClusterSpec(
+            nodes=tuple(NodeSpec(n.name, n.host, port, dsn_for_server(n.dsn, "127.0.0.1", port),
+                                 n.role, n.data_dir) if n.name == target.name else n
+                        for n in spec.nodes),
+            shard_map=spec.shard_map)
+        path = results / f".drill-network-{os.getpid()}.json"
+        clusterfile.save(proxied, path)
+        base["cluster_file"] = path
+        monitor_spec = spec
+        fault = NetworkFault(proxy=proxy, node=target.name, mode=args.mode, at=args.fault_at,
+                             hold=args.fault_for)
+    else:
+        raise ValueError("the failover drill needs a cluster with standbys and Patroni: "
+                         "'shardflow cluster up --ha'")
+    opts = BenchOptions(**base)
+    try:
+        result = run_bench(opts, console, fault=fault, monitor_spec=monitor_spec)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+            Path(base["cluster_file"]).unlink(missing_ok=True)
+    summary = drill_summary(args.kind, result, opts)
+    report_dir = Path(result["report_dir"])
+    _plot(report_dir, result["rows"], result["fault"] or {}, args.kind)
+    _write(report_dir, summary, "shardflow drill " + " ".join(sys.argv[2:]) if sys.argv[1:2]
+           == ["drill"] else f"shardflow drill {args.kind} ...")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    t = Table(title=f"shardflow drill {args.kind}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k in (*DRILL_FIELDS, "unacknowledged_committed", "client_errors"):
+        t.add_row(k, str(summary[k]))
+    console.print(t)
+    console.print("[green]integrity audit passed[/green]" if summary["integrity_ok"]
+                  else "[red]integrity audit FAILED[/red]")
+    console.print(f"report: {report_dir}")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=("failover", "worker-crash", "network"))
+    p.add_argument("--cluster-file", type=Path, default=Path(".shardflow/cluster.json"))
+    p.add_argument("--rate", type=float, default=50.0, help="open-loop starts/s (default 50)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
+    p.add_argument("--fault-at", type=float, default=10.0,
+                   help="seconds into the load when the fault strikes (10)")
+    p.add_argument("--tenants", type=int, default=100)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--step-ms", type=float, default=100.0,
+                   help="each external step waits this long (100), so that workflows are "
+                        "in flight when the fault strikes")
+    p.add_argument("--worker-processes", type=int, default=3)
+    p.add_argument("--kill", type=int, default=1, help="worker-crash: processes to SIGKILL")
+    p.add_argument("--node", default="0", help="failover/network: node name or index (0)")
+    p.add_argument("--mode", choices=("drop", "stall"), default="drop",
+                   help="network: reset connections (drop) or hang them (stall)")
+    p.add_argument("--fault-for", type=float, default=5.0,
+                   help="network: seconds the fault lasts (5)")
+    p.add_argument("--engine-config", default="{}",
+                   help=f"EngineConfig fields as JSON over the drill's {DRILL_ENGINE}")
+    p.add_argument("--drain-timeout", type=float, default=180.0)
+    p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write drill.json here")
+
+
+def main(argv: list[str] | None = None,
+         console_factory: Callable[[], Console] = Console) -> int:
+    p = argparse.ArgumentParser(prog="shardflow drill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        if args.fault_at <= 0 or args.fault_at >= args.duration:
+            raise ValueError(f"--fault-at must be inside the load (0 < {args.fault_at:g} < "
+                             f"--duration {args.duration:g})")
+        if args.kill < 1 or args.fault_for <= 0:
+            raise ValueError("--kill must be >= 1 and --fault-for > 0")
+        if not Path(args.cluster_file).is_file():
+            raise ValueError(f"--cluster-file {args.cluster_file} does not exist (start a "
+                             "cluster with 'shardflow cluster up')")
+        summary = run_drill(args, console_factory())
+    except (ValueError, TypeError, ShardflowError) as exc:
+        print(f"shardflow drill: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if summary["integrity_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
