@@ -278,14 +278,22 @@ class NodeState:
     failed: int = 0
     last_finished: dt.datetime | None = None
 
+    async def ensure(self) -> asyncpg.Connection:
+        """The connection, re-opened if a fault (a failover, a dropped link) closed it;
+        a multi-host DSN then reaches the new primary."""
+        if self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.spec.dsn, timeout=10)
+        return self.conn
+
 
 async def _snapshot(nodes: list[NodeState], worker_pids: list[int]) -> dict[str, Any]:
     """Counters at one instant: server CPU, WAL position, statement calls, worker CPU."""
     snap: dict[str, Any] = {"db_cpu": [], "wal": [], "calls": [], "worker_cpu": []}
     for n in nodes:
+        conn = await n.ensure()
         snap["db_cpu"].append(None if n.postmaster is None else server_cpu_us(n.postmaster))
-        snap["wal"].append(str(await n.conn.fetchval("SELECT pg_current_wal_lsn()::text")))
-        snap["calls"].append(None if not n.has_pss else int(await n.conn.fetchval(
+        snap["wal"].append(str(await conn.fetchval("SELECT pg_current_wal_lsn()::text")))
+        snap["calls"].append(None if not n.has_pss else int(await conn.fetchval(
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
             "(SELECT oid FROM pg_database WHERE datname = current_database())")))
     snap["worker_cpu"] = [process_cpu_us(p) for p in worker_pids]
@@ -657,9 +665,18 @@ class Monitor:
 
     async def poll(self) -> None:
         for n in self.nodes:
-            row = await n.conn.fetchrow(POLL_SQL, self.pattern)
+            try:
+                conn = await n.ensure()
+                row = await conn.fetchrow(POLL_SQL, self.pattern)
+                live = await conn.fetch(LIVE_LATENCY_SQL, self.pattern, n.last_finished)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # the node is failing over or unreachable (a drill): keep its last
+                # figures; the next poll reconnects
+                with contextlib.suppress(Exception):
+                    await n.conn.close()
+                continue
             n.backlog, n.succeeded, n.failed = row["backlog"], row["succeeded"], row["failed"]
-            for r in await n.conn.fetch(LIVE_LATENCY_SQL, self.pattern, n.last_finished):
+            for r in live:
                 if r["workflow_id"] in self.seen:
                     continue
                 self.seen.add(r["workflow_id"])
@@ -795,13 +812,14 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         wal = 0
         for n, a, b in zip(servers, before["wal"], after["wal"], strict=True):
             # LSNs travel as text: asyncpg has no codec for pg_lsn parameters
-            wal += int(await n.conn.fetchval(
+            wal += int(await (await n.ensure()).fetchval(
                 "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", b, a))
         # The final read: every row of this run on every node.
         rows: list[tuple[str, str, float, float | None]] = []
         dup_keys = effect_rows = effect_keys = reruns = 0
         per_node: dict[str, dict[str, int]] = {}
         for n in nodes:
+            await n.ensure()
             recs = await n.conn.fetch(
                 "SELECT workflow_id, status, extract(epoch FROM created_at)::float8 AS c, "
                 "extract(epoch FROM finished_at)::float8 AS f FROM shardflow.workflows "

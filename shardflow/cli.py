@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, clusterfile
-from .errors import ShardflowError
+from .errors import ClusterError, ShardflowError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and write DIR/cluster.json. A second 'up' reuses the running cluster.",
     )
     up.add_argument("--nodes", type=int, default=None, help="number of primaries (default 3)")
-    up.add_argument("--replicas", type=int, default=0, help="standbys per node (not yet supported)")
+    up.add_argument("--replicas", type=int, default=0,
+                    help="streaming standbys per node, managed by Patroni + etcd (apt-get "
+                         "install patroni etcd-server); synchronous replication")
+    up.add_argument("--ha", action="store_true",
+                    help="automatic failover with Patroni + etcd (implies --replicas 1)")
+    up.add_argument("--async-replicas", action="store_true",
+                    help="asynchronous replication: faster commits, and a failover may "
+                         "lose the last acknowledged ones")
     up.add_argument("--shards", type=int, default=256, help="logical shards (default 256)")
     up.add_argument("--port", type=int, default=None, help="first port (default: free ports)")
     up.add_argument("--dir", type=Path, default=None, help="data directory (default .shardflow)")
@@ -150,8 +157,11 @@ def _cluster(args: argparse.Namespace) -> int:
         directory = clusterfile.default_cluster_file().parent
     lc = LocalCluster(directory, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
     if args.cluster_command == "up":
+        if args.async_replicas and not (args.ha or args.replicas):
+            raise ClusterError("--async-replicas needs --replicas N or --ha")
         spec = lc.up(args.nodes, replicas=args.replicas, shard_count=args.shards,
-                     base_port=args.port, citus=args.citus)
+                     base_port=args.port, citus=args.citus, ha=args.ha,
+                     synchronous=not args.async_replicas)
         console.print(
             f"cluster up: {len(spec.nodes)} nodes, {spec.shard_map.shard_count} shards, "
             f"file {lc.file}"

@@ -40,7 +40,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from . import clusterfile
+from . import clusterfile, ha
 from .bench import BenchOptions, FaultContext, run_bench
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
@@ -149,6 +149,85 @@ class NetworkFault:
         ctx.console.log(f"drill: network to node {self.node} restored")
         return {"t_fault": t_fault, "t_heal": t_heal, "node": self.node, "mode": self.mode,
                 "fault_for_s": round(t_heal - t_fault, 3), "detect_s": None}
+
+
+@dataclass
+class PrimaryKill:
+    """SIGKILL a node's primary as a machine loss: its Patroni, its postmaster and every
+    backend. Then measure Patroni's detection (no leader in the cluster view of the
+    survivors) and promotion (a standby answers /primary and accepts writes), and bring
+    the old primary back as a standby (its rejoin, pg_rewind included, is reported)."""
+
+    spec: ClusterSpec
+    node: str
+    at: float
+
+    async def run(self, ctx: FaultContext) -> dict[str, Any]:
+        state = ha.HAState.from_json(self.spec.settings["ha"])
+        members = state.of(self.node)
+        await asyncio.sleep(self.at)
+        primary = None
+        for m in members:
+            if await asyncio.to_thread(m.is_primary):
+                primary = m
+        if primary is None:
+            raise ShardflowError(f"node {self.node} has no primary to kill")
+        others = [m for m in members if m is not primary]
+        sync_before = [m.name for m in others if await asyncio.to_thread(m.is_sync_standby)]
+        t_kill = time.time()
+        pids = ha.kill_member(primary)
+        ctx.console.log(f"drill: SIGKILLed primary {primary.name} of node {self.node} "
+                        f"(Patroni and Postgres, {len(pids)} processes)")
+        detect = promote = None
+        new_primary = None
+        while time.time() - t_kill < 90 and promote is None:
+            for m in others:
+                if detect is None and await asyncio.to_thread(_leader_gone, m, primary.name):
+                    detect = time.time() - t_kill
+                if (await asyncio.to_thread(m.is_primary)
+                        and await asyncio.to_thread(_writable, m.pg_port)):
+                    promote, new_primary = time.time() - t_kill, m.name
+                    detect = detect if detect is not None else promote
+            await asyncio.sleep(0.05)
+        ctx.console.log(f"drill: {new_primary} promoted after {promote}s")
+        # the old primary comes back as a standby of the new one
+        patroni, _ = ha.find_tools()
+        t_restart = time.time()
+        await asyncio.to_thread(ha.start_member, patroni, primary)
+        rejoin = None
+        while time.time() - t_restart < 120:
+            if await asyncio.to_thread(primary.is_replica):
+                rejoin = round(time.time() - t_restart, 3)
+                break
+            await asyncio.sleep(0.2)
+        return {"t_fault": t_kill, "node": self.node, "old_primary": primary.name,
+                "new_primary": new_primary, "killed_pids": pids,
+                "synchronous_replication": state.synchronous,
+                "sync_standby_before": sync_before,
+                "detect_s": round(detect, 3) if detect is not None else None,
+                "promote_s": round(promote, 3) if promote is not None else None,
+                "old_primary_rejoined_s": rejoin}
+
+
+def _leader_gone(m: ha.Member, old: str) -> bool:
+    code, body = ha.http_status(m.rest_port, "/cluster")
+    if code != 200:
+        return False
+    leaders = [x.get("name") for x in json.loads(body).get("members", [])
+               if x.get("role") == "leader"]
+    return old not in leaders
+
+
+def _writable(port: int) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                             connect_timeout=1, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            return row is not None and not row[0]
+    except psycopg.Error:
+        return False
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -369,8 +448,11 @@ def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         fault = NetworkFault(proxy=proxy, node=target.name, mode=args.mode, at=args.fault_at,
                              hold=args.fault_for)
     else:
-        raise ValueError("the failover drill needs a cluster with standbys and Patroni: "
-                         "'shardflow cluster up --ha'")
+        if spec.kind != "ha":
+            raise ValueError("the failover drill needs a cluster with standbys and "
+                             "Patroni: 'shardflow cluster up --ha'")
+        target = _node_named(spec, args.node)
+        fault = PrimaryKill(spec=spec, node=target.name, at=args.fault_at)
     opts = BenchOptions(**base)
     try:
         result = run_bench(opts, console, fault=fault, monitor_spec=monitor_spec)

@@ -11,8 +11,10 @@ cluster on one machine, never listening beyond 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 
-from . import clusterfile
+from . import clusterfile, ha
 from .clusterfile import ClusterSpec, NodeSpec
 from .errors import ClusterError, ClusterFileError
 from .migrate import distribute, init_node, migrate
@@ -193,6 +195,23 @@ def run_as_postgres(args: Sequence[str], *, timeout: float) -> subprocess.Comple
                           check=False, user=ids[0], group=ids[1], extra_groups=[], env=env)
 
 
+def _accepts_writes_dsn(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            return bool(row) and not bool(row[0]) if row else False
+    except psycopg.Error:
+        return False
+
+
+def _any_primary(members: list[ha.Member]) -> bool:
+    return any(m.is_primary() for m in members)
+
+
+def _accepts_writes(port: int) -> bool:
+    return _accepts_writes_dsn(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+
+
 class LocalCluster:
     """A cluster of local Postgres primaries under one directory."""
 
@@ -344,6 +363,8 @@ class LocalCluster:
         shard_count: int = DEFAULT_SHARDS,
         base_port: int | None = None,
         citus: bool = False,
+        ha: bool = False,
+        synchronous: bool = True,
     ) -> ClusterSpec:
         """Start (or reuse) the cluster. On any failure, stops what this call started.
 
@@ -352,8 +373,10 @@ class LocalCluster:
         the coordinator, through which every call goes)."""
         if nodes is not None and nodes < 1:
             raise ClusterError(f"--nodes must be at least 1, got {nodes}")
-        if replicas:
-            raise ClusterError("--replicas is not yet supported (it lands with the failover work)")
+        if replicas < 0 or replicas > 4:
+            raise ClusterError(f"--replicas must be between 0 and 4, got {replicas}")
+        if (ha or replicas) and citus:
+            raise ClusterError("--replicas/--ha with --citus is not supported")
         if shard_count < 1 or shard_count > 4096:
             raise ClusterError(f"--shards must be between 1 and 4096, got {shard_count}")
         if base_port is not None and not 1024 <= base_port <= 65535 - (nodes or 1):
@@ -366,6 +389,9 @@ class LocalCluster:
                 f"--citus: the citus extension is not installed for PostgreSQL "
                 f"{bins.version} ({bins.bindir}); build and install Citus 13 first")
         count = nodes or (2 if citus else 3)
+        if ha or replicas:
+            return self._up_ha(bins, count, replicas or 1, shard_count, base_port,
+                               synchronous)
         names = ([f"node{i}" for i in range(count)] if not citus
                  else ["coordinator", *(f"worker{i}" for i in range(count))])
         ports = self._choose_ports(len(names), base_port)
@@ -429,6 +455,81 @@ class LocalCluster:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
 
+    def _up_ha(self, bins: PgBinaries, count: int, replicas: int, shard_count: int,
+               base_port: int | None, synchronous: bool) -> ClusterSpec:
+        """Each node a Patroni scope of a primary and ``replicas`` standbys; one etcd."""
+        patroni, etcd = ha.find_tools()
+        names = [f"node{i}" for i in range(count)]
+        per = 2 * (1 + replicas)  # a Postgres and a REST port per member
+        ports = self._choose_ports(2 + count * per, base_port)
+        created = self._prepare_dir()
+        members = []
+        for i, name in enumerate(names):
+            for j in range(1 + replicas):
+                k = 2 + i * per + 2 * j
+                members.append(ha.Member(name, f"{name}-m{j}", str(self._root / name / f"m{j}"),
+                                         ports[k], ports[k + 1]))
+        state = ha.HAState(str(self._root / "etcd"), ports[0], ports[1], synchronous,
+                           tuple(members))
+        params = {k: v.strip("'") for k, v in POSTGRES_SETTINGS.items()
+                  if k not in ("listen_addresses",)}
+        try:
+            ha.make_dirs(Path(state.etcd_dir), *(Path(m.dir) for m in members))
+            self._log(f"etcd (port {state.etcd_client_port})")
+            ha.start_etcd(etcd, state)
+            for m in members:
+                cfg = ha.member_config(m, state, str(bins.bindir), params)
+                (Path(m.dir) / "patroni.yml").write_text(json.dumps(cfg, indent=2))
+            # the first member of every node bootstraps it (initdb) and becomes primary
+            firsts = [state.of(n)[0] for n in names]
+            for m in firsts:
+                self._log(f"patroni {m.name} (postgres port {m.pg_port}, rest {m.rest_port})")
+                ha.start_member(patroni, m)
+            for m in firsts:
+                ha.wait_until(m.is_primary, 90, f"{m.name} to become primary "
+                              f"(log: {m.dir}/patroni.stdout)")
+                port = m.pg_port
+                ha.wait_until(functools.partial(_accepts_writes, port), 60,
+                              f"{m.name} to accept writes")
+            shard_map = ShardMap.balanced(shard_count, names)
+            for name, m in zip(names, firsts, strict=True):
+                self._log(f"migrate {name}")
+                self._init_database(m.pg_port, name, shard_map)
+            standbys = [m for m in members if m not in firsts]
+            for m in standbys:
+                self._log(f"patroni {m.name} (standby, postgres port {m.pg_port})")
+                ha.start_member(patroni, m)
+            for m in standbys:
+                check = m.is_sync_standby if synchronous else m.is_replica
+                ha.wait_until(check, 120, f"{m.name} to stream from its primary"
+                              + (" as the synchronous standby" if synchronous else ""))
+            nodes: list[NodeSpec] = []
+            for name in names:
+                ms = state.of(name)
+                hosts = ",".join(f"127.0.0.1:{m.pg_port}" for m in ms)
+                nodes.append(NodeSpec(
+                    name, "127.0.0.1", ms[0].pg_port,
+                    f"postgresql://postgres@{hosts}/{DATABASE}?target_session_attrs=read-write",
+                    "primary", str(ms[0].data_dir)))
+                nodes += [NodeSpec(m.name, "127.0.0.1", m.pg_port,
+                                   self.admin_dsn(m.pg_port, DATABASE), "standby",
+                                   str(m.data_dir)) for m in ms[1:]]
+            spec = ClusterSpec(
+                nodes=tuple(nodes), shard_map=shard_map, kind="ha", dir=str(self.dir),
+                database=DATABASE,
+                settings={**POSTGRES_SETTINGS, "postgres_version": bins.version,
+                          "ha": state.to_json()})
+            clusterfile.save(spec, self.file)
+            return spec
+        except BaseException:
+            ha.stop_all(state, self._log)
+            for name in names:
+                shutil.rmtree(self._root / name, ignore_errors=True)
+            shutil.rmtree(state.etcd_dir, ignore_errors=True)
+            if created:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
     def _choose_ports(self, count: int, base_port: int | None) -> list[int]:
         if base_port is None:
             ports: list[int] = []
@@ -474,6 +575,8 @@ class LocalCluster:
 
     def _reuse(self, bins: PgBinaries, nodes: int | None) -> ClusterSpec:
         spec = self.load()
+        if spec.kind == "ha":
+            return self._reuse_ha(spec, nodes)
         if nodes is not None and nodes != len(spec.nodes):
             raise ClusterError(
                 f"a {len(spec.nodes)}-node cluster already exists in {self.dir}; "
@@ -489,6 +592,33 @@ class LocalCluster:
                 self._start_node(bins, node.name)
         for node in spec.nodes:
             if node.role in ("primary", "coordinator"):
+                with psycopg.connect(node.dsn, autocommit=True) as conn:
+                    migrate(conn)
+        return spec
+
+    def _reuse_ha(self, spec: ClusterSpec, nodes: int | None) -> ClusterSpec:
+        state = ha.HAState.from_json(spec.settings["ha"])
+        scopes = sorted({m.scope for m in state.members})
+        if nodes is not None and nodes != len(scopes):
+            raise ClusterError(
+                f"a {len(scopes)}-node cluster already exists in {self.dir}; "
+                "run 'shardflow cluster down --purge' first to make one of another size")
+        patroni, etcd = ha.find_tools()
+        if state.etcd_pid() is None:
+            self._log("start etcd")
+            ha.start_etcd(etcd, state)
+        for m in state.members:
+            if m.patroni_pid() is None:
+                self._log(f"start {m.name}")
+                ha.start_member(patroni, m)
+        for scope in scopes:
+            members = state.of(scope)
+            ha.wait_until(functools.partial(_any_primary, members), 90,
+                          f"node {scope} to have a primary")
+        for node in spec.nodes:
+            if node.role == "primary":
+                ha.wait_until(functools.partial(_accepts_writes_dsn, node.dsn), 60,
+                              f"node {node.name} to accept writes")
                 with psycopg.connect(node.dsn, autocommit=True) as conn:
                     migrate(conn)
         return spec
@@ -509,8 +639,8 @@ class LocalCluster:
                             role = "standby"
                         elif node.role == "worker":
                             role = "citus worker"
-                        elif node.role == "primary":
-                            role = "primary"
+                        elif node.role in ("primary", "standby"):
+                            role = "primary"  # with Patroni, a promoted standby too
                         if node.role != "worker":
                             v = conn.execute("SELECT coalesce(max(version), 0) "
                                              "FROM shardflow.schema_migrations").fetchone()
@@ -557,6 +687,17 @@ class LocalCluster:
         try:
             spec = self.load()
             names = [n.name for n in spec.nodes]
+            if spec.kind == "ha":
+                state = ha.HAState.from_json(spec.settings["ha"])
+                stopped = ha.stop_all(state, self._log)
+                if purge:
+                    for d in {Path(m.dir).parent for m in state.members}:
+                        shutil.rmtree(d, ignore_errors=True)
+                    shutil.rmtree(state.etcd_dir, ignore_errors=True)
+                    if self._root != self.dir:
+                        shutil.rmtree(self._root, ignore_errors=True)
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                return stopped
         except ClusterFileError:
             if not self.dir.exists():
                 raise
