@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
+import psycopg.conninfo as psycopg_conninfo
 from hdrh.histogram import HdrHistogram
 from rich.console import Console, Group
 from rich.live import Live
@@ -969,6 +971,8 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
         "locust": load.stats if isinstance(load, LocustLoad) else None,
     }
     _write_report(report_dir, opts, summary, audit, extras)
+    if opts.peer == "dbos":
+        _run_peer(opts, spec, console, summary, report_dir)
     if opts.json_path is not None:
         Path(opts.json_path).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(console, summary, audit, report_dir)
@@ -977,6 +981,97 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
 
 
 # -- the report --------------------------------------------------------------------------
+
+
+def _run_peer(opts: BenchOptions, spec: ClusterSpec, console: Console,
+              summary: dict[str, Any], report_dir: Path) -> None:
+    """The same workload on DBOS Transact, right after ours, on the first node's Postgres
+    server (DBOS has no sharding: one server), with as many worker processes; adds
+    ``peer`` and ``ratio`` to the summary and a comparison to the report."""
+    _load_benchflows()  # puts the repository root on sys.path
+    peer_mod = importlib.import_module("loadtest.peer_dbos")
+    node = _primaries(spec)[0]
+    admin = psycopg_conninfo.make_conninfo(node.dsn, dbname="postgres")
+    console.print(f"[bold]peer run: DBOS Transact on node {node.name}'s server, same "
+                  "workload[/bold]")
+    peer = peer_mod.run_dbos_peer(
+        admin_dsn=admin, duration=opts.duration,
+        rate=opts.effective_rate if opts.mode == "open" else None,
+        concurrency=opts.concurrency, tenants=opts.tenants, skew=opts.skew,
+        zipf_s=opts.zipf_s, steps=opts.steps, payload_bytes=opts.payload_bytes,
+        processes=opts.worker_processes, seed=opts.seed, drain_timeout=opts.drain_timeout,
+        progress=lambda m: console.print(f"[dim]dbos: {m}[/dim]"))
+    (report_dir / "peer_dbos.json").write_text(json.dumps(
+        {k: v for k, v in peer.items() if k != "hgrm"}, indent=2) + "\n")
+    (report_dir / "peer_dbos_latency_ms.hgrm").write_text(peer["hgrm"])
+    summary["peer"] = {"name": "dbos", "version": peer["version"],
+                       "workflows_per_sec": peer["workflows_per_sec"],
+                       "latency_ms": peer["latency_ms"]}
+    ours, theirs = summary["workflows_per_sec"], peer["workflows_per_sec"]
+    summary["ratio"] = round(ours / theirs, 2) if theirs else None
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rows = [("workflows/s", ours, theirs),
+            ("completed / failed / duplicates",
+             f"{summary['completed']} / {summary['failed']} / {summary['duplicates']}",
+             f"{peer['completed']} / {peer['failed']} / {peer['duplicates']}"),
+            *((f"latency {k} ms", summary["latency_ms"][k], peer["latency_ms"][k])
+              for k in ("p50", "p90", "p99", "max")),
+            ("Postgres CPU µs per workflow", summary["db_cpu_us_per_workflow"],
+             peer["db_cpu_us_per_workflow"]),
+            ("WAL bytes per workflow", summary["wal_bytes_per_workflow"],
+             peer["wal_bytes_per_workflow"]),
+            ("statements per workflow", summary["statements_per_workflow"],
+             peer["statements_per_workflow"]),
+            ("worker CPU µs per workflow", summary["worker_cpu_us_per_workflow"],
+             peer["worker_cpu_us_per_workflow"])]
+    lines = ["", "## Side by side: DBOS Transact", "",
+             f"Right after this run, the same workload (same steps, payload, tenants mix, "
+             f"load, duration and number of worker processes) ran on DBOS Transact "
+             f"{peer['version']} on node {node.name}'s Postgres server, on the same "
+             f"machine. **Ratio (workflows/s): {summary['ratio']}x.**", "",
+             "| figure | shardflow | DBOS |", "|---|---|---|",
+             *(f"| {k} | {_fmt(a)} | {_fmt(b)} |" for k, a, b in rows), "",
+             "How DBOS was configured (from its documentation):", "", peer["config"], "",
+             "DBOS's raw figures: `peer_dbos.json`, `peer_dbos_latency_ms.hgrm`.", ""]
+    if _peer_plot(report_dir, summary, peer):
+        lines += ["![shardflow vs DBOS](peer.png)", ""]
+    with (report_dir / "report.md").open("a") as f:
+        f.write("\n".join(lines))
+    console.print(f"DBOS {peer['version']}: {theirs} workflows/s, p50 "
+                  f"{peer['latency_ms']['p50']} ms, p99 {peer['latency_ms']['p99']} ms; "
+                  f"ratio {summary['ratio']}x")
+
+
+def _peer_plot(report_dir: Path, summary: dict[str, Any], peer: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["shardflow", f"DBOS {peer['version']}"]
+    a1.bar(names, [summary["workflows_per_sec"], peer["workflows_per_sec"]],
+           color=["tab:blue", "tab:gray"])
+    a1.set_ylabel("workflows/s (completed)")
+    a1.set_title(f"throughput (ratio {summary['ratio']}x)")
+    width = 0.35
+    ks = ["p50", "p90", "p99"]
+    xs = range(len(ks))
+    a2.bar([x - width / 2 for x in xs], [summary["latency_ms"][k] for k in ks], width,
+           label="shardflow", color="tab:blue")
+    a2.bar([x + width / 2 for x in xs], [peer["latency_ms"][k] for k in ks], width,
+           label="DBOS", color="tab:gray")
+    a2.set_xticks(list(xs), ks)
+    a2.set_ylabel("latency (ms), start commit to completion commit")
+    a2.set_yscale("log")
+    a2.legend()
+    a2.set_title("latency")
+    fig.tight_layout()
+    fig.savefig(report_dir / "peer.png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _fmt(v: Any, unit: str = "") -> str:
@@ -1285,6 +1380,8 @@ def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
     try:
         opts = parse_args(argv)
+        if opts.peer == "dbos" and importlib.util.find_spec("dbos") is None:
+            raise ValueError("--peer dbos needs DBOS Transact: pip install 'shardflow[peer]'")
         if not Path(opts.cluster_file).is_file():
             raise ValueError(f"--cluster-file {opts.cluster_file} does not exist (start a "
                              f"cluster with 'shardflow cluster up')")

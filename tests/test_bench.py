@@ -135,3 +135,22 @@ def _check(result: dict[str, Any], d: Path) -> None:
     assert (report_dir / "report.md").exists()
     assert (report_dir / "latency_ms.hgrm").read_text().strip()
     assert report_dir.name in (d / "results" / "README.md").read_text()
+
+
+def test_peer_dbos_runs_the_same_workload(bench_dir: Path) -> None:
+    if importlib.util.find_spec("dbos") is None:
+        pytest.skip("DBOS Transact is not installed (pip install 'shardflow[peer]')")
+    result = _run(_opts(bench_dir, rate=20.0, duration=2.0, peer="dbos"))
+    summary = result["summary"]
+    peer = summary["peer"]
+    assert peer["name"] == "dbos" and peer["version"]
+    assert peer["workflows_per_sec"] > 0 and set(peer["latency_ms"]) >= {"p50", "p99"}
+    assert summary["ratio"] == round(summary["workflows_per_sec"]
+                                     / peer["workflows_per_sec"], 2)
+    report_dir = result["report_dir"]
+    assert json.loads((report_dir / "summary.json").read_text())["peer"] == peer
+    assert "Side by side: DBOS Transact" in (report_dir / "report.md").read_text()
+    figures = json.loads((report_dir / "peer_dbos.json").read_text())
+    # DBOS's side is audited too: every start completed once, no duplicate effect
+    assert figures["completed"] == figures["started"] == 40
+    assert figures["duplicates"] == 0 and figures["failed"] == 0
