@@ -287,15 +287,31 @@ class NodeState:
             self.conn = await asyncpg.connect(self.spec.dsn, timeout=10)
         return self.conn
 
+    async def call(self, method: str, sql: str, *args: Any) -> Any:
+        """``conn.<method>(sql, *args)``, reconnecting for up to 60 s when the server
+        went away under the connection (the end of a drill: the old primary is gone)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = await self.ensure()
+                return await getattr(conn, method)(sql, *args)
+            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                    asyncpg.CannotConnectNowError, asyncio.TimeoutError):
+                with contextlib.suppress(Exception):
+                    await self.conn.close()
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
 
 async def _snapshot(nodes: list[NodeState], worker_pids: list[int]) -> dict[str, Any]:
     """Counters at one instant: server CPU, WAL position, statement calls, worker CPU."""
     snap: dict[str, Any] = {"db_cpu": [], "wal": [], "calls": [], "worker_cpu": []}
     for n in nodes:
-        conn = await n.ensure()
         snap["db_cpu"].append(None if n.postmaster is None else server_cpu_us(n.postmaster))
-        snap["wal"].append(str(await conn.fetchval("SELECT pg_current_wal_lsn()::text")))
-        snap["calls"].append(None if not n.has_pss else int(await conn.fetchval(
+        snap["wal"].append(str(await n.call("fetchval", "SELECT pg_current_wal_lsn()::text")))
+        snap["calls"].append(None if not n.has_pss else int(await n.call(
+            "fetchval",
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
             "(SELECT oid FROM pg_database WHERE datname = current_database())")))
     snap["worker_cpu"] = [process_cpu_us(p) for p in worker_pids]
@@ -814,15 +830,16 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         wal = 0
         for n, a, b in zip(servers, before["wal"], after["wal"], strict=True):
             # LSNs travel as text: asyncpg has no codec for pg_lsn parameters
-            wal += int(await (await n.ensure()).fetchval(
-                "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", b, a))
+            wal += int(await n.call(
+                "fetchval", "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)",
+                b, a))
         # The final read: every row of this run on every node.
         rows: list[tuple[str, str, float, float | None]] = []
         dup_keys = effect_rows = effect_keys = reruns = 0
         per_node: dict[str, dict[str, int]] = {}
         for n in nodes:
-            await n.ensure()
-            recs = await n.conn.fetch(
+            recs = await n.call(
+                "fetch",
                 "SELECT workflow_id, status, extract(epoch FROM created_at)::float8 AS c, "
                 "extract(epoch FROM finished_at)::float8 AS f FROM shardflow.workflows "
                 f"WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1", pattern)
