@@ -295,8 +295,8 @@ class NodeState:
             try:
                 conn = await self.ensure()
                 return await getattr(conn, method)(sql, *args)
-            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                    asyncpg.CannotConnectNowError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, asyncpg.InterfaceError,
+                    asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError):
                 with contextlib.suppress(Exception):
                     await self.conn.close()
                 if time.monotonic() > deadline:
