@@ -14,11 +14,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# main job on the embedded default: a local 3-node cluster, a 15 s load run with a live
-# dashboard, a report in results/ (summary.json, report.md, .hgrm, PNG plots)
+# main job on the embedded default: a local 4-node cluster, a 30 s load run (1,000
+# tenants, 3-step workflows) with a live dashboard, a report in results/ (summary.json,
+# report.md, .hgrm, PNG plots) and the summary printed
 demo: setup
-	$(VENV)/bin/shardflow cluster up --nodes 3
-	$(VENV)/bin/shardflow bench --rate 50 --duration 15 --tenants 100 --steps 3
+	$(VENV)/bin/shardflow cluster up --nodes 4
+	$(VENV)/bin/shardflow bench --rate 100 --duration 30 --tenants 1000 --steps 3 --json results/demo-summary.json
 
 # a smaller in-process demo: 2,000 workflows and an audit
 demo-small: setup

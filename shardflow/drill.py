@@ -418,9 +418,13 @@ def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     engine = {**DRILL_ENGINE, **json.loads(args.engine_config)}
     EngineConfig(**engine)
     results = Path(args.results_dir)
+    scenario = args.scenario or f"drill-{args.kind}"
+    if not args.scenario and spec.kind == "ha" and not ha.HAState.from_json(
+            spec.settings["ha"]).synchronous:
+        scenario += "-async"  # its own report: the loss window differs
     base = dict(cluster_file=Path(args.cluster_file), rate=args.rate, duration=args.duration,
                 tenants=args.tenants, steps=args.steps, worker_processes=args.worker_processes,
-                results_dir=results, scenario=f"drill-{args.kind}", engine_config=engine,
+                results_dir=results, scenario=scenario, engine_config=engine,
                 payload_bytes=100, step_ms=args.step_ms, drain_timeout=args.drain_timeout)
     fault: Any
     proxy: TcpProxy | None = None
@@ -502,6 +506,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"EngineConfig fields as JSON over the drill's {DRILL_ENGINE}")
     p.add_argument("--drain-timeout", type=float, default=180.0)
     p.add_argument("--results-dir", type=Path, default=Path("results"))
+    p.add_argument("--scenario", help="report directory name (default drill-<kind>)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write drill.json here")
 
 

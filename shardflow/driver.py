@@ -136,8 +136,10 @@ class Driver:
         delay = 0.1
         while True:
             try:
+                # min_size 0: a pool keeping a minimum reconnects in the background,
+                # which during a failover only fills the log with its failures
                 node.pool = await asyncpg.create_pool(
-                    node.spec.dsn, min_size=1, max_size=self._pool_size,
+                    node.spec.dsn, min_size=0, max_size=self._pool_size,
                     max_inactive_connection_lifetime=60, reset=_keep_session,
                 )
                 return

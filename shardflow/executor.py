@@ -261,6 +261,10 @@ class Worker:
             limit = min(free, self.cfg.claim_batch)
             owned = set(self._target_units(target))
             hot = self._hot.setdefault(target.name, set())
+            # shards we no longer own (rebalanced away, e.g. while our lease lapsed in a
+            # failover) must leave the hot set: otherwise it never empties, no claim
+            # awaits, and this loop spins without yielding, starving the event loop
+            hot.intersection_update(owned)
             sweep = target.name in self._sweep_now or loop.time() >= next_sweep
             if sweep:
                 self._sweep_now.discard(target.name)

@@ -163,3 +163,29 @@ async def test_a_single_tenant_backlog_drains_between_sweeps(db: PerTestDB) -> N
         await asyncio.sleep(0.3)  # the start-up sweep is over
         hs = [await eng.start(solo, i, tenant="solo-tenant") for i in range(200)]
         assert await asyncio.gather(*(h.result(timeout=20) for h in hs)) == list(range(200))
+
+
+async def test_hot_shards_no_longer_owned_do_not_spin_the_claim_loop(db: PerTestDB) -> None:
+    """Found by the failover drill: a claim that failed leaves its shards "hot"; if they
+    were rebalanced away meanwhile, the claim loop must drop them, not spin on them
+    without ever awaiting (which starved the event loop, so the heartbeat stopped)."""
+    eng = db.engine()
+
+    @eng.workflow(name="after_spin")
+    async def after(x: int) -> int:
+        return x
+
+    async with eng:
+        worker = eng._worker
+        node = db.spec.nodes[0].name
+        # as after a failover: every shard of the node rebalanced away, one still hot
+        owned = worker.ownership.owned[node]
+        stranger = db.spec.shard_map.shards_of(node)[0]
+        owned.clear()
+        worker._hot.setdefault(node, set()).add(stranger)
+        worker._wake[node].set()
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(asyncio.sleep(0.3), timeout=5)  # the loop still turns
+        assert asyncio.get_running_loop().time() - t0 < 2
+        h = await eng.start(after, 7, tenant="after-spin")
+        assert await h.result(timeout=30) == 7
