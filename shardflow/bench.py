@@ -296,9 +296,9 @@ class NodeState:
                 conn = await self.ensure()
                 return await getattr(conn, method)(sql, *args)
             except (TimeoutError, OSError, asyncpg.InterfaceError,
-                    asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError):
-                with contextlib.suppress(Exception):
-                    await self.conn.close()
+                    asyncpg.InternalClientError, asyncpg.PostgresConnectionError,
+                    asyncpg.CannotConnectNowError):
+                self.conn.terminate()  # whatever state it was left in: a fresh one next
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
@@ -687,11 +687,12 @@ class Monitor:
                 conn = await n.ensure()
                 row = await conn.fetchrow(POLL_SQL, self.pattern)
                 live = await conn.fetch(LIVE_LATENCY_SQL, self.pattern, n.last_finished)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError):
                 # the node is failing over or unreachable (a drill): keep its last
-                # figures; the next poll reconnects
-                with contextlib.suppress(Exception):
-                    await n.conn.close()
+                # figures; the next poll reconnects (terminate: a connection left
+                # mid-operation by a dead server cannot even be closed politely)
+                n.conn.terminate()
                 continue
             n.backlog, n.succeeded, n.failed = row["backlog"], row["succeeded"], row["failed"]
             for r in live:
