@@ -25,6 +25,11 @@ from .errors import RetryableDatabaseError, RoutingError, ShardflowError, transl
 from .routing import ShardMap
 
 T = TypeVar("T")
+
+# Everything asyncpg raises that translate() understands: server errors, socket errors,
+# and client-side errors (a closed connection; no read-write host during a failover).
+DRIVER_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError,
+                 asyncpg.InternalClientError)
 Record = Any  # asyncpg.Record: untyped upstream
 
 _BLOCK_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -86,7 +91,7 @@ async def _with_retry(
             return await op()
         except ShardflowError:
             raise
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             err = translate(exc, context=what)
             if not isinstance(err, RetryableDatabaseError) or loop.time() >= deadline:
                 raise err from exc
@@ -143,7 +148,7 @@ class Driver:
                     max_inactive_connection_lifetime=60, reset=_keep_session,
                 )
                 return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DRIVER_ERRORS as exc:
                 err = translate(exc, context=f"connecting to node {node.name}")
                 if not isinstance(err, RetryableDatabaseError) or loop.time() > deadline:
                     raise err from exc
@@ -207,7 +212,7 @@ class Driver:
         try:
             async with self.pool(node).acquire() as conn, conn.transaction():
                 yield conn
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc, context=f"transaction on node {node.name}") from exc
 
     # -- shard-routed calls (tenant and shard are always explicit) ------------------------

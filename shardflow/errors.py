@@ -162,6 +162,22 @@ def is_retryable_sqlstate(sqlstate: str | None) -> bool:
     return sqlstate.startswith("08") or sqlstate in _RETRYABLE_STATES
 
 
+def _lost_connection(exc: BaseException) -> bool:
+    """A driver error that means "the server went away or is not the primary (yet)":
+    a failover, a restart, a dropped link. Such errors carry no SQLSTATE. Checked by
+    class name so that this module needs neither driver."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"ConnectionError", "OSError", "TimeoutError",
+                # asyncpg: no member of a multi-host DSN is read-write (mid-failover)
+                "TargetServerAttributeNotMatched",
+                # psycopg: connection failed or broken
+                "OperationalError"}:
+        return True
+    # asyncpg: an operation on a connection the server closed under it
+    return "InterfaceError" in names and "connection" in str(exc) and (
+        "closed" in str(exc) or "lost" in str(exc))
+
+
 def translate(exc: BaseException, *, context: str = "") -> ShardflowError:
     """Map a driver exception (asyncpg or psycopg) to a shardflow error by SQLSTATE."""
     sqlstate = getattr(exc, "sqlstate", None)
@@ -174,7 +190,7 @@ def translate(exc: BaseException, *, context: str = "") -> ShardflowError:
     if sqlstate == "23514" and ("no partition of relation" in str(exc)
                                 or "_moved_away" in str(exc)):
         err = MisroutedWrite(msg, sqlstate=sqlstate)
-    elif is_retryable_sqlstate(sqlstate) or isinstance(exc, (ConnectionError, OSError)):
+    elif is_retryable_sqlstate(sqlstate) or (sqlstate is None and _lost_connection(exc)):
         err = RetryableDatabaseError(msg, sqlstate=sqlstate)
     else:
         err = DatabaseError(msg, sqlstate=sqlstate)

@@ -25,7 +25,7 @@ import asyncpg
 import psycopg
 
 from . import context
-from .driver import BACKGROUND, Node, Q
+from .driver import BACKGROUND, DRIVER_ERRORS, Node, Q
 from .errors import (
     NonDeterminismError,
     RetryableDatabaseError,
@@ -215,7 +215,7 @@ class Worker:
                 conn = await asyncpg.connect(node.spec.dsn)
                 await conn.add_listener("shardflow_work", self._on_notify(node))
                 self._listeners[node.name] = conn
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DRIVER_ERRORS as exc:
                 log.warning("LISTEN on node %s failed (polling meanwhile): %s", node.name, exc)
 
     def _on_notify(self, node: Node) -> Any:
