@@ -78,7 +78,8 @@ class Node:
 
 
 async def _with_retry(
-    op: Callable[[], Awaitable[T]], *, what: str, patience: float, base: float = 0.05
+    op: Callable[[], Awaitable[T]], *, what: str, patience: float, base: float = 0.05,
+    pool: asyncpg.Pool | None = None,
 ) -> T:
     """Run an idempotent operation, retrying connection-class failures (a restarting
     node, a failover) with jittered exponential backoff for up to ``patience`` seconds.
@@ -95,6 +96,9 @@ async def _with_retry(
             err = translate(exc, context=what)
             if not isinstance(err, RetryableDatabaseError) or loop.time() >= deadline:
                 raise err from exc
+            if pool is not None and isinstance(exc, asyncpg.InternalClientError):
+                # a connection in a broken state went back to the pool: replace them all
+                await pool.expire_connections()
         delay = min(1.0, base * 2**i) * (0.5 + random.random())
         await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
         i += 1
@@ -189,21 +193,21 @@ class Driver:
                     patience: float | None = None) -> list[Record]:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).fetch(sql, *args),
-                                 what=f"{query} on node {node.name}",
+                                 what=f"{query} on node {node.name}", pool=node.pool,
                                  patience=self.patience if patience is None else patience)
 
     async def fetchrow(self, node: Node, query: str, *args: Any,
                        patience: float | None = None) -> Record | None:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args),
-                                 what=f"{query} on node {node.name}",
+                                 what=f"{query} on node {node.name}", pool=node.pool,
                                  patience=self.patience if patience is None else patience)
 
     async def execute(self, node: Node, query: str, *args: Any,
                       patience: float | None = None) -> str:
         sql = Q[query]
         return await _with_retry(lambda: self.pool(node).execute(sql, *args),
-                                 what=f"{query} on node {node.name}",
+                                 what=f"{query} on node {node.name}", pool=node.pool,
                                  patience=self.patience if patience is None else patience)
 
     @asynccontextmanager

@@ -168,8 +168,11 @@ def _lost_connection(exc: BaseException) -> bool:
     class name so that this module needs neither driver."""
     names = {c.__name__ for c in type(exc).__mro__}
     if names & {"ConnectionError", "OSError", "TimeoutError",
-                # asyncpg: no member of a multi-host DSN is read-write (mid-failover)
-                "TargetServerAttributeNotMatched",
+                # asyncpg: no member of a multi-host DSN is read-write (mid-failover),
+                # or a pooled connection left in a broken protocol state by a server
+                # that died mid-operation ("cannot switch to state ..."); the driver
+                # replaces the pool's connections before retrying
+                "TargetServerAttributeNotMatched", "InternalClientError",
                 # psycopg: connection failed or broken
                 "OperationalError"}:
         return True

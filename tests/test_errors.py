@@ -17,6 +17,8 @@ from shardflow.errors import DatabaseError, RetryableDatabaseError, translate
     asyncpg.InterfaceError("cannot perform operation: connection is closed"),
     asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle "
                                                    "of operation"),
+    asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in "
+                                "progress"),
     ConnectionRefusedError(111, "Connect call failed"),
     TimeoutError(),
     psycopg.OperationalError("connection failed: Connection refused"),
