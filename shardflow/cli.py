@@ -112,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=_positive_int("--limit"), default=50)
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--cluster", type=Path, default=None)
+    for cmd, text in (
+            ("show", "one workflow: status, inputs, output, error, attempts, times"),
+            ("steps", "a workflow's step checkpoints (attempts count re-runs)"),
+            ("cancel", "cancel a workflow and its children"),
+            ("resume", "run a cancelled, failed or dead workflow again from its last "
+                       "checkpoint"),
+            ("retry", "like resume, for failed or dead workflows only"),
+            ("fork", "a new workflow replaying the checkpoints before --from-step")):
+        c = wfsub.add_parser(cmd, help=text, description=text[0].upper() + text[1:] + ".",
+                             epilog=f"example: shardflow workflows {cmd} acme order-42"
+                             + (" --from-step 2" if cmd == "fork" else ""))
+        c.add_argument("tenant")
+        c.add_argument("workflow_id")
+        c.add_argument("--json", action="store_true")
+        c.add_argument("--cluster", type=Path, default=None)
+        if cmd == "cancel":
+            c.add_argument("--reason", default="cancelled")
+        if cmd == "fork":
+            c.add_argument("--from-step", type=int, required=True,
+                           help="steps before this one are replayed from checkpoints")
+            c.add_argument("--new-id", default=None, help="the new workflow's id")
 
     sh = sub.add_parser("shard", help="inspect and move shards")
     shsub = sh.add_subparsers(dest="shard_command", required=True, parser_class=_Parser)
@@ -213,8 +234,61 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workflow_command(args: argparse.Namespace) -> int:
+    """show / steps / cancel / resume / retry / fork of one workflow."""
+    from .engine import Engine
+    from .errors import InvalidArgument
+
+    async def run() -> Any:
+        engine = Engine(cluster_file=args.cluster, run_workers=False)
+        async with engine:
+            t, w = args.tenant, args.workflow_id
+            if args.wf_command == "show":
+                return await engine.get_info(t, w)
+            if args.wf_command == "steps":
+                return await engine.steps(t, w)
+            if args.wf_command == "cancel":
+                return {"cancelled": await engine.cancel(t, w, reason=args.reason)}
+            if args.wf_command == "retry":
+                status = (await engine.get_info(t, w))["status"]
+                if status not in ("failed", "dead"):
+                    raise InvalidArgument(f"workflow {w!r} of tenant {t!r} is {status}; "
+                                          "retry applies to failed or dead workflows")
+            if args.wf_command in ("resume", "retry"):
+                await engine.resume(t, w)
+                return await engine.get_info(t, w)
+            h = await engine.fork(t, w, from_step=args.from_step, new_workflow_id=args.new_id)
+            return await engine.get_info(t, h.workflow_id)
+
+    out = asyncio.run(run())
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    if args.wf_command == "steps":
+        t = Table(title=f"steps of {args.tenant}/{args.workflow_id}")
+        for col in ("seq", "name", "kind", "status", "attempts", "retries", "finished"):
+            t.add_column(col)
+        for r in out:
+            t.add_row(str(r["seq"]), r["name"], r["kind"], r["status"], str(r["attempts"]),
+                      str(r.get("retries", "")), str(r.get("finished_at") or "")[:19])
+        console.print(t)
+    elif args.wf_command == "cancel":
+        console.print(f"cancelled: {', '.join(out['cancelled']) or 'nothing (already ended)'}")
+    else:
+        t = Table(title=f"workflow {out['tenant_id']}/{out['workflow_id']}", show_header=False)
+        t.add_column("field")
+        t.add_column("value")
+        for k, v in out.items():
+            t.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
+        console.print(t)
+    return 0
+
+
 def _workflows(args: argparse.Namespace) -> int:
     from .engine import Engine
+
+    if args.wf_command != "list":
+        return _workflow_command(args)
 
     async def run() -> list[dict[str, Any]]:
         engine = Engine(cluster_file=args.cluster, run_workers=False)
