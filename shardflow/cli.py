@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="steps before this one are replayed from checkpoints")
             c.add_argument("--new-id", default=None, help="the new workflow's id")
 
+    stp = sub.add_parser(
+        "status", help="nodes and roles, shard owners, backlog, last minute, oldest pending",
+        description="One view of the whole cluster, read from every node.",
+        epilog="example: shardflow status --shards")
+    stp.add_argument("--cluster", type=Path, default=None)
+    stp.add_argument("--shards", action="store_true", help="also every shard's backlog "
+                     "and owning worker")
+    stp.add_argument("--json", action="store_true")
+    tn = sub.add_parser("tenants", help="per-tenant views")
+    tnsub = tn.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
+    top = tnsub.add_parser("top", help="heaviest tenants by backlog, then throughput",
+                           epilog="example: shardflow tenants top --limit 20")
+    top.add_argument("--limit", type=_positive_int("--limit"), default=10)
+    top.add_argument("--cluster", type=Path, default=None)
+    top.add_argument("--json", action="store_true")
+
     sh = sub.add_parser("shard", help="inspect and move shards")
     shsub = sh.add_subparsers(dest="shard_command", required=True, parser_class=_Parser)
     sl = shsub.add_parser("list", help="every shard: node, epoch, owning worker")
@@ -311,6 +327,86 @@ def _workflows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_rows(cluster: Path | None, query: str, *params: Any) -> list[tuple[str, Any]]:
+    """(node, rows) of a named query on every shardflow node of the cluster file."""
+    import psycopg
+
+    from .driver import Q
+
+    spec = clusterfile.load(cluster)
+    out = []
+    for node in spec.nodes:
+        if node.role not in ("primary", "coordinator"):
+            continue
+        try:
+            with psycopg.connect(node.dsn, connect_timeout=5, autocommit=True,
+                                 cursor_factory=psycopg.RawCursor) as conn:
+                cur = conn.execute(Q[query], params)
+                cols = [d.name for d in cur.description or ()]
+                out.append((node.name, [dict(zip(cols, r, strict=True))
+                                        for r in cur.fetchall()]))
+        except psycopg.Error as exc:
+            raise ClusterError(f"node {node.name} is unreachable: {exc}".strip()) from exc
+    return out
+
+
+def _status(args: argparse.Namespace) -> int:
+    nodes = _node_rows(args.cluster, "status_node")
+    shards = _node_rows(args.cluster, "status_shards")
+    report: dict[str, Any] = {"nodes": {n: rows[0] for n, rows in nodes}}
+    owners: dict[str, dict[str, int]] = {}
+    for n, rows in shards:
+        for r in rows:
+            owners.setdefault(n, {}).setdefault(str(r["owner"] or "(unowned)"), 0)
+            owners[n][str(r["owner"] or "(unowned)")] += 1
+    report["shard_owners"] = owners
+    if args.shards:
+        report["shards"] = {n: rows for n, rows in shards}
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    t = Table(title="shardflow status")
+    for col in ("node", "role", "pending", "running", "done/min", "failed/min",
+                "oldest pending", "live workers", "shards per owner"):
+        t.add_column(col)
+    for n, r in report["nodes"].items():
+        t.add_row(n, "standby" if r["in_recovery"] else "primary", str(r["pending"]),
+                  str(r["running"]), str(r["done_1m"]), str(r["failed_1m"]),
+                  str(r["oldest_pending"] or "-")[:19], str(r["live_workers"]),
+                  ", ".join(f"{o}: {c}" for o, c in sorted(owners.get(n, {}).items())))
+    console.print(t)
+    if args.shards:
+        st = Table(title="shards")
+        for col in ("node", "shard", "pending", "running", "owner"):
+            st.add_column(col)
+        for n, rows in shards:
+            for r in rows:
+                st.add_row(n, str(r["shard_id"]), str(r["pending"]), str(r["running"]),
+                           str(r["owner"] or "[red]unowned[/red]"))
+        console.print(st)
+    return 0
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    merged: list[dict[str, Any]] = []
+    for n, rows in _node_rows(args.cluster, "tenants_top", args.limit):
+        merged += [{**r, "node": n} for r in rows]
+    # each node gave its top N; the cluster's top N is among them
+    merged.sort(key=lambda r: (-(r["pending"] + r["running"]), -r["done_1m"], r["tenant_id"]))
+    merged = merged[:args.limit]
+    if args.json:
+        print(json.dumps(merged, default=str))
+        return 0
+    t = Table(title=f"top {args.limit} tenants (backlog, then completions in the last minute)")
+    for col in ("tenant", "node", "pending", "running", "done/min", "oldest pending"):
+        t.add_column(col)
+    for r in merged:
+        t.add_row(r["tenant_id"], r["node"], str(r["pending"]), str(r["running"]),
+                  str(r["done_1m"]), str(r["oldest_pending"] or "-")[:19])
+    console.print(t)
+    return 0
+
+
 def _shard(args: argparse.Namespace) -> int:
     import psycopg
 
@@ -395,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workflows": _workflows,
         "worker": _worker,
         "shard": _shard,
+        "status": _status,
+        "tenants": _tenants,
         "demo": _demo,
         "bench": _bench,
         "drill": _drill,

@@ -115,3 +115,25 @@ def test_bad_input_is_one_line_exit_2(db: PerTestDB, cluster_file: Path, argv: l
     code, _, err = _cli(capsys, "workflows", *argv, "--cluster", str(cluster_file))
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_status_and_tenants_top(db: PerTestDB, cluster_file: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    _run_workflows(db)
+    c = ["--cluster", str(cluster_file)]
+    code, report, _ = _cli(capsys, "status", "--shards", "--json", *c)
+    assert code == 0
+    nodes = report["nodes"]
+    assert set(nodes) == {n.name for n in db.spec.nodes}
+    assert sum(r["pending"] for r in nodes.values()) == 1  # wf-pending
+    assert all(r["in_recovery"] is False for r in nodes.values())
+    assert sum(r["failed_1m"] for r in nodes.values()) == 1  # wf-broken
+    # every shard listed once, on its node; nobody owns them (no worker running)
+    listed = [s["shard_id"] for rows in report["shards"].values() for s in rows]
+    assert sorted(listed) == list(range(db.spec.shard_map.shard_count))
+    assert {o for per in report["shard_owners"].values() for o in per} == {"(unowned)"}
+    code, out, _ = _cli(capsys, "status", *c)
+    assert code == 0 and "shardflow status" in out
+
+    code, top, _ = _cli(capsys, "tenants", "top", "--limit", "5", "--json", *c)
+    assert code == 0 and top[0]["tenant_id"] == TENANT and top[0]["pending"] == 1

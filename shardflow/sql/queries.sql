@@ -422,3 +422,48 @@ SELECT sh.shardid::int AS unit, sh.logicalrelid::regclass::text AS tbl, n.nodena
  WHERE sh.logicalrelid = ANY ($1::regclass[])
    AND n.noderole = 'primary' AND n.isactive AND p.shardstate = 1
  ORDER BY sh.shardid;
+
+-- name: status_node
+-- `shardflow status`, per node: backlog, the last minute's throughput, the oldest
+-- pending workflow, live workers. An operator's command: it may scan a node's rows.
+SELECT (SELECT count(*) FROM shardflow.workflows WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM shardflow.workflows WHERE status = 'running') AS running,
+       (SELECT count(*) FROM shardflow.workflows
+         WHERE status = 'succeeded' AND finished_at > now() - interval '1 minute') AS done_1m,
+       (SELECT count(*) FROM shardflow.workflows
+         WHERE status IN ('failed', 'dead')
+           AND finished_at > now() - interval '1 minute') AS failed_1m,
+       (SELECT min(created_at) FROM shardflow.workflows WHERE status = 'pending')
+           AS oldest_pending,
+       (SELECT count(*) FROM shardflow.workers WHERE lease_expires_at > now())
+           AS live_workers,
+       pg_is_in_recovery() AS in_recovery;
+
+-- name: status_shards
+-- Per shard of this node: backlog and the live worker that owns (polls) it.
+SELECT s.shard_id, coalesce(b.pending, 0) AS pending, coalesce(b.running, 0) AS running,
+       (SELECT l.owner FROM shardflow.shard_leases l
+          JOIN shardflow.workers k ON k.worker_id = l.owner
+         WHERE l.shard_id = s.shard_id AND k.lease_expires_at > now()) AS owner
+  FROM shardflow.shard_map s
+  JOIN shardflow.node_info i ON i.node_name = s.node
+  LEFT JOIN (SELECT shard_id, count(*) FILTER (WHERE status = 'pending') AS pending,
+                    count(*) FILTER (WHERE status = 'running') AS running
+               FROM shardflow.workflows WHERE status IN ('pending', 'running')
+              GROUP BY shard_id) b ON b.shard_id = s.shard_id
+ ORDER BY s.shard_id;
+
+-- name: tenants_top
+-- The heaviest tenants of this node: backlog, then the last minute's completions.
+SELECT tenant_id,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'succeeded') AS done_1m,
+       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
+  FROM shardflow.workflows
+ WHERE status IN ('pending', 'running')
+    OR (status = 'succeeded' AND finished_at > now() - interval '1 minute')
+ GROUP BY tenant_id
+ ORDER BY count(*) FILTER (WHERE status IN ('pending', 'running')) DESC,
+          count(*) FILTER (WHERE status = 'succeeded') DESC, tenant_id
+ LIMIT $1;
