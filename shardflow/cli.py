@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.add_argument("target", help="module:attribute of an Engine, e.g. myapp.flows:engine")
     wk.add_argument("--processes", type=_positive_int("--processes"), default=1)
+    wk.add_argument("--metrics-port", type=_positive_int("--metrics-port"), default=None,
+                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics "
+                         "(process i of --processes on PORT+i)")
 
     wf = sub.add_parser("workflows", help="inspect workflows across all shards")
     wfsub = wf.add_subparsers(dest="wf_command", required=True, parser_class=_Parser)
@@ -449,7 +452,7 @@ def _shard(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from .worker import run_worker_processes
 
-    return run_worker_processes(args.target, args.processes)
+    return run_worker_processes(args.target, args.processes, args.metrics_port)
 
 
 def _bench(args: argparse.Namespace) -> int:

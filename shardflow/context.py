@@ -145,6 +145,14 @@ class WorkflowContext:
             return loads(rec.output)
         if rec is not None and rec.status == "error":
             raise StepError(name, loads(rec.error))
+        t0 = time.perf_counter()
+        try:
+            return await self._run_step(fn, seq, name, retries, args, kwargs)
+        finally:
+            self.engine.prom.step_seconds.labels("step").observe(time.perf_counter() - t0)
+
+    async def _run_step(self, fn: Callable[..., Awaitable[Any]], seq: int, name: str,
+                        retries: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Record the attempt before running: after a crash the next run increments
         # attempts, so every re-run of an external side effect is counted.
         started = await self._write(
@@ -177,6 +185,16 @@ class WorkflowContext:
         seq, rec = self._next(name, "transaction")
         if rec is not None:
             return self._replay(rec)
+        t0 = time.perf_counter()
+        try:
+            return await self._run_transaction(fn, seq, name, retries, args, kwargs)
+        finally:
+            self.engine.prom.step_seconds.labels("transaction").observe(
+                time.perf_counter() - t0)
+
+    async def _run_transaction(self, fn: Callable[..., Awaitable[Any]], seq: int, name: str,
+                               retries: int, args: tuple[Any, ...],
+                               kwargs: dict[str, Any]) -> Any:
         attempt = transient = 0
         while True:
             try:

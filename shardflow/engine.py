@@ -35,6 +35,7 @@ from .errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
+from .metrics import EngineMetrics
 from .migrate import distribute, has_citus, init_node, migrate, read_shard_map
 from .routing import ShardMap, validate_tenant
 from .serde import dump_args, dumps, loads
@@ -160,6 +161,7 @@ class Engine:
         self._waiters: dict[tuple[str, str], set[context.WorkflowContext]] = {}
         self._done_events: dict[tuple[str, str], asyncio.Event] = {}
         self.metrics: Counter[str] = Counter()
+        self.prom = EngineMetrics(self)
 
     @property
     def citus(self) -> bool:
@@ -302,6 +304,17 @@ class Engine:
             self._worker = None
         await self.driver.close()
         self._opened = False
+
+    def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> int:
+        """Serve Prometheus metrics on http://host:port/metrics (0: a free port);
+        returns the port. See :mod:`shardflow.metrics`."""
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InvalidArgument(f"metrics port must be 0..65535, got {port!r}")
+        try:
+            return self.prom.serve(port, host)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot serve metrics on {host}:{port}: "
+                                  f"{exc.strerror}") from exc
 
     async def run_worker(self, stop: asyncio.Event | None = None) -> None:
         """Open the engine, run workers until ``stop`` is set (or forever), close."""

@@ -90,6 +90,8 @@ class Worker:
         # claims under way, and how many have begun: see _reconcile
         self._claims_inflight = 0
         self._claims_begun = 0
+        # pending workflows in the shards we own, per node (metrics; every few seconds)
+        self.backlog: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -281,6 +283,8 @@ class Worker:
                               if shards else ([], set()))
                 for row in rows:
                     self._spawn(target.home, row)
+                if shards:
+                    self.engine.prom.claim_batch.observe(len(rows))
             except ShardflowError as exc:
                 log.warning("claim on node %s failed: %s", target.name, exc)
                 rows, gave, failed = [], set(), True
@@ -420,6 +424,9 @@ class Worker:
                             self._wake[node.name].set()
                     if ticks % 10 == 0:
                         await self._reconcile(node)
+                        row = await self.engine.driver.fetchrow(
+                            node, "backlog_pending", self._shards(node), patience=BACKGROUND)
+                        self.backlog[node.name] = int(row["n"]) if row else 0
                     if ticks % 20 == 0:
                         names = [r["name"] for r in
                                  await self.engine.driver.fetch(node, "live_workflow_names",
@@ -594,6 +601,7 @@ class _HeartbeatThread(threading.Thread):
             self._conns[node.name] = conn
         conn.execute(Q["heartbeat"], (w.worker_id, socket.gethostname(), os.getpid(),
                                       w.engine.workflow_names, w.cfg.lease_timeout))
+        w.engine.prom.lease_renewals.labels(node.name).inc()
         w._last_heartbeat[node.name] = time.monotonic()
 
     def run(self) -> None:

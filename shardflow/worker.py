@@ -49,10 +49,12 @@ async def _serve(engine: Engine) -> None:
     await engine.run_worker(stop)
 
 
-def serve_one(target: str) -> int:
+def serve_one(target: str, metrics_port: int | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SHARDFLOW_LOG", "WARNING"),
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     engine = load_engine(target)
+    if metrics_port is not None:
+        engine.serve_metrics(metrics_port)
     asyncio.run(_serve(engine))
     return 0
 
@@ -67,15 +69,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker_processes(target: str, processes: int) -> int:
+def run_worker_processes(target: str, processes: int, metrics_port: int | None = None
+                         ) -> int:
+    """Run ``processes`` worker processes; with ``metrics_port`` P, process i serves
+    Prometheus metrics on 127.0.0.1:P+i."""
     load_engine(target)  # fail fast, with one clear line, before forking anything
     if processes == 1:
-        return serve_one(target)
+        return serve_one(target, metrics_port)
     children = [
-        subprocess.Popen([sys.executable, "-m", "shardflow.worker", target],
+        subprocess.Popen([sys.executable, "-m", "shardflow.worker", target,
+                          *([str(metrics_port + i)] if metrics_port is not None else [])],
                          # the supervisor has no threads yet: preexec_fn is safe here
                          preexec_fn=_die_with_parent)  # noqa: PLW1509
-        for _ in range(processes)
+        for i in range(processes)
     ]
 
     def forward(signum: int, _frame: object) -> None:
@@ -90,4 +96,4 @@ def run_worker_processes(target: str, processes: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve_one(sys.argv[1]))
+    sys.exit(serve_one(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -240,6 +240,12 @@ SELECT tenant_id, shard_id, workflow_id, fence
   FROM shardflow.workflows
  WHERE owner = $1 AND status = 'running' AND shard_id = ANY ($2::int[]);
 
+-- name: backlog_pending
+-- Pending workflows in shards $1 (the metrics' backlog gauge; the partial index on
+-- pending rows answers it).
+SELECT count(*) AS n FROM shardflow.workflows
+ WHERE status = 'pending' AND shard_id = ANY ($1::int[]);
+
 -- name: lock_workflow_row
 -- send takes the receiver's row lock first, so a receiver parking itself (suspend) and
 -- a sender cannot both miss each other: see context.WorkflowContext.suspend.
