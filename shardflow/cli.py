@@ -152,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--limit", type=_positive_int("--limit"), default=10)
     top.add_argument("--cluster", type=Path, default=None)
     top.add_argument("--json", action="store_true")
+    gr = tnsub.add_parser(
+        "grant", help="a login role that can act for one tenant only (row-level security)",
+        description="Create (if needed) login role ROLE on every node and let it act for "
+        "TENANT only: Postgres row-level security hides and protects every other "
+        "tenant's workflows from it. Connect a tenant-bound client as that role: "
+        "Engine(dsns=[...user=ROLE...], tenant=TENANT, run_workers=False).",
+        epilog="example: shardflow tenants grant acme --role tenant_acme")
+    gr.add_argument("tenant")
+    gr.add_argument("--role", required=True)
+    gr.add_argument("--cluster", type=Path, default=None)
 
     sh = sub.add_parser("shard", help="inspect and move shards")
     shsub = sh.add_subparsers(dest="shard_command", required=True, parser_class=_Parser)
@@ -391,6 +401,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tenants(args: argparse.Namespace) -> int:
+    if args.tenants_command == "grant":
+        return _grant(args)
     merged: list[dict[str, Any]] = []
     for n, rows in _node_rows(args.cluster, "tenants_top", args.limit):
         merged += [{**r, "node": n} for r in rows]
@@ -407,6 +419,23 @@ def _tenants(args: argparse.Namespace) -> int:
         t.add_row(r["tenant_id"], r["node"], str(r["pending"]), str(r["running"]),
                   str(r["done_1m"]), str(r["oldest_pending"] or "-")[:19])
     console.print(t)
+    return 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    import re
+
+    from .errors import InvalidArgument
+    from .routing import validate_tenant
+
+    validate_tenant(args.tenant)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", args.role):
+        raise InvalidArgument(f"--role {args.role!r} must be a lowercase Postgres "
+                              "identifier (letters, digits, _; at most 63)")
+    if args.role == "postgres":
+        raise InvalidArgument("--role postgres is the superuser: choose a role of its own")
+    for name, _rows in _node_rows(args.cluster, "grant_tenant", args.role, args.tenant):
+        console.print(f"node {name}: role {args.role} may act for tenant {args.tenant}")
     return 0
 
 

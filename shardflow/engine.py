@@ -135,6 +135,7 @@ class Engine:
         run_workers: bool = True,
         shard_count: int = 256,
         citus: str | None = None,
+        tenant: str | None = None,
     ) -> None:
         if sum(x is not None for x in (dsns, cluster_file, citus)) > 1:
             raise InvalidArgument("give one of dsns, cluster_file or citus")
@@ -144,6 +145,13 @@ class Engine:
             dsns = [citus]
             shard_count = 1
         self._citus = citus is not None
+        # A tenant-bound client (connecting as a tenant role: see `shardflow tenants
+        # grant`): every call is for this tenant. Postgres enforces it with row-level
+        # security; the check here only makes the error clear and early.
+        self.tenant = validate_tenant(tenant) if tenant is not None else None
+        if self.tenant is not None and run_workers:
+            raise InvalidArgument("a tenant-bound Engine(tenant=...) is a client: give "
+                                  "run_workers=False (workers serve every tenant)")
         if dsns is not None and (isinstance(dsns, str) or not dsns):
             raise InvalidArgument("dsns must be a non-empty list of connection strings")
         self.config = config or EngineConfig()
@@ -282,8 +290,8 @@ class Engine:
                              reconnect_timeout=self.config.reconnect_timeout)
         await self.driver.open()
         for q in self._queues.values():
-            if q.name == "default" and q == Queue(name="default"):
-                continue
+            if (q.name == "default" and q == Queue(name="default")) or self.tenant:
+                continue  # queues are defined by the service, not by a tenant role
             for node in self.driver.nodes.values():
                 await self.driver.execute(node, "upsert_queue", q.name, q.priority,
                                           q.concurrency, q.tenant_concurrency, q.rate_per_sec)
@@ -349,7 +357,8 @@ class Engine:
         for name, dsn in targets:
             what = f"node {name}" if name else f"node #{len(found)}"
             with self._connect_retrying(dsn, what) as conn:
-                if self.config.migrate:
+                if self.config.migrate and self.tenant is None:
+                    # a tenant role may not change the schema: the service migrates
                     migrate(conn)
                 if self._citus and not has_citus(conn):
                     raise RoutingError(f"Engine(citus=...): {what} has no citus extension")
@@ -357,7 +366,8 @@ class Engine:
                 node_name = row[0] if row else None
                 smap = read_shard_map(conn) if row else None
                 if row is not None and has_citus(conn):
-                    distribute(conn)  # idempotent
+                    if self.tenant is None:
+                        distribute(conn)  # idempotent
                     self._citus = True
             if name is not None and node_name is not None and node_name != name:
                 raise RoutingError(f"the cluster file says {dsn} is node {name!r}, but that "
@@ -467,8 +477,11 @@ class Engine:
             raise InvalidArgument(f"a child workflow runs in its parent's tenant "
                                   f"{ctx.tenant!r}, not {tenant!r}")
         if ctx is None and tenant is None:
+            tenant = self.tenant
+        if ctx is None and tenant is None:
             raise InvalidArgument("tenant is required to start a workflow")
         tenant_id = validate_tenant(ctx.tenant if ctx is not None else tenant)
+        self._route(tenant_id)  # a tenant-bound engine refuses other tenants here
         if workflow_id is not None:
             _validate_id(workflow_id, "workflow_id")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
@@ -527,7 +540,11 @@ class Engine:
     # -- reading ---------------------------------------------------------------------
 
     def _route(self, tenant: str) -> int:
-        return self.shard_map.shard(validate_tenant(tenant))
+        tenant = validate_tenant(tenant)
+        if self.tenant is not None and tenant != self.tenant:
+            raise InvalidArgument(f"this engine is bound to tenant {self.tenant!r}; "
+                                  f"{tenant!r} is another tenant")
+        return self.shard_map.shard(tenant)
 
     async def get_info(self, tenant: str, workflow_id: str) -> dict[str, Any]:
         self._require_open()
@@ -566,6 +583,7 @@ class Engine:
             raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
+        tenant = tenant if tenant is not None else self.tenant
         if tenant is not None:
             validate_tenant(tenant)
             nodes = [self.driver.node_for_shard(self._route(tenant))]

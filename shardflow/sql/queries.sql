@@ -473,3 +473,7 @@ SELECT tenant_id,
  ORDER BY count(*) FILTER (WHERE status IN ('pending', 'running')) DESC,
           count(*) FILTER (WHERE status = 'succeeded') DESC, tenant_id
  LIMIT $1;
+
+-- name: grant_tenant
+-- $1 role, $2 tenant: see migration 0004.
+SELECT shardflow.grant_tenant($1, $2) AS granted;

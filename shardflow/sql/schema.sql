@@ -159,6 +159,31 @@ BEGIN
     END LOOP;
 END
 $$;
+CREATE FUNCTION shardflow.grant_tenant(p_role text, p_tenant text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
+        EXECUTE format('CREATE ROLE %I LOGIN', p_role);
+    END IF;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), p_role);
+    EXECUTE format('GRANT USAGE ON SCHEMA shardflow TO %I', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON shardflow.workflows, '
+                   'shardflow.steps, shardflow.messages, shardflow.events TO %I', p_role);
+    EXECUTE format('GRANT SELECT ON shardflow.shard_map, shardflow.node_info, '
+                   'shardflow.queues, shardflow.schema_migrations TO %I', p_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE shardflow.message_seq TO %I', p_role);
+    INSERT INTO shardflow.tenant_roles (role_name, tenant_id) VALUES (p_role, p_tenant)
+    ON CONFLICT DO NOTHING;
+END
+$$;
+CREATE FUNCTION shardflow.my_tenants() RETURNS text[]
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'shardflow'
+    AS $$
+    SELECT coalesce(array_agg(tenant_id), '{}') FROM shardflow.tenant_roles
+     WHERE role_name = session_user
+$$;
 CREATE FUNCTION shardflow.queue_budgets(p_limit integer, p_tenant_cap integer) RETURNS TABLE(queue text, budget integer, tenant_cap integer, cap_per_queue boolean, rate_limited boolean, concurrency_limited boolean)
     LANGUAGE plpgsql
     AS $$
@@ -306,6 +331,11 @@ CREATE TABLE shardflow.steps (
     CONSTRAINT steps_status_check CHECK ((status = ANY (ARRAY['started'::text, 'done'::text, 'error'::text, 'waiting'::text])))
 )
 PARTITION BY LIST (shard_id);
+CREATE TABLE shardflow.tenant_roles (
+    role_name text NOT NULL,
+    tenant_id text NOT NULL,
+    granted_at timestamp with time zone DEFAULT now() NOT NULL
+);
 CREATE TABLE shardflow.workers (
     worker_id text NOT NULL,
     host text NOT NULL,
@@ -376,6 +406,8 @@ ALTER TABLE ONLY shardflow.sharded_tables
     ADD CONSTRAINT sharded_tables_pkey PRIMARY KEY (table_name);
 ALTER TABLE ONLY shardflow.steps
     ADD CONSTRAINT steps_pkey PRIMARY KEY (tenant_id, workflow_id, seq, shard_id);
+ALTER TABLE ONLY shardflow.tenant_roles
+    ADD CONSTRAINT tenant_roles_pkey PRIMARY KEY (role_name, tenant_id);
 ALTER TABLE ONLY shardflow.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (worker_id);
 ALTER TABLE ONLY shardflow.workflows
@@ -387,3 +419,11 @@ CREATE INDEX workflows_pending_queue_idx ON ONLY shardflow.workflows USING btree
 CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);
 CREATE INDEX workflows_running_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id) WHERE (status = 'running'::text);
 CREATE INDEX workflows_running_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id) WHERE (status = 'running'::text);
+ALTER TABLE shardflow.events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE shardflow.messages ENABLE ROW LEVEL SECURITY;
+ALTER TABLE shardflow.steps ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON shardflow.events USING ((tenant_id = ANY (shardflow.my_tenants()))) WITH CHECK ((tenant_id = ANY (shardflow.my_tenants())));
+CREATE POLICY tenant_isolation ON shardflow.messages USING ((tenant_id = ANY (shardflow.my_tenants()))) WITH CHECK ((tenant_id = ANY (shardflow.my_tenants())));
+CREATE POLICY tenant_isolation ON shardflow.steps USING ((tenant_id = ANY (shardflow.my_tenants()))) WITH CHECK ((tenant_id = ANY (shardflow.my_tenants())));
+CREATE POLICY tenant_isolation ON shardflow.workflows USING ((tenant_id = ANY (shardflow.my_tenants()))) WITH CHECK ((tenant_id = ANY (shardflow.my_tenants())));
+ALTER TABLE shardflow.workflows ENABLE ROW LEVEL SECURITY;
