@@ -163,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--role", required=True)
     gr.add_argument("--cluster", type=Path, default=None)
 
+    rt = sub.add_parser("retention", help="how long finished workflows are kept")
+    rtsub = rt.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)
+    rs = rtsub.add_parser("set", help="delete finished workflows SECONDS after they finish",
+                          epilog="example: shardflow retention set 86400 --tenant acme")
+    rs.add_argument("seconds", type=float)
+    rc = rtsub.add_parser("clear", help="keep finished workflows forever (the default)")
+    rl = rtsub.add_parser("list", help="the retention settings ('*': every other tenant)")
+    for c in (rs, rc, rl):
+        c.add_argument("--cluster", type=Path, default=None)
+    for c in (rs, rc):
+        c.add_argument("--tenant", default=None, help="one tenant (default: all others)")
+    rl.add_argument("--json", action="store_true")
+
     sh = sub.add_parser("shard", help="inspect and move shards")
     shsub = sh.add_subparsers(dest="shard_command", required=True, parser_class=_Parser)
     sl = shsub.add_parser("list", help="every shard: node, epoch, owning worker")
@@ -439,6 +452,35 @@ def _grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .errors import InvalidArgument
+
+    if args.retention_command == "set" and not args.seconds >= 0:
+        raise InvalidArgument(f"retention seconds must be >= 0, got {args.seconds:g}")
+
+    async def run() -> list[dict[str, Any]]:
+        engine = Engine(cluster_file=args.cluster, run_workers=False)
+        async with engine:
+            if args.retention_command == "set":
+                await engine.set_retention(args.seconds, tenant=args.tenant)
+            elif args.retention_command == "clear":
+                await engine.set_retention(None, tenant=args.tenant)
+            return await engine.retention()
+
+    rows = asyncio.run(run())
+    if getattr(args, "json", False):
+        print(json.dumps(rows, default=str))
+        return 0
+    t = Table(title="retention of finished workflows")
+    for col in ("tenant", "keep seconds", "updated"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["tenant_id"], f"{r['keep_seconds']:g}", str(r["updated_at"])[:19])
+    console.print(t)
+    return 0
+
+
 def _shard(args: argparse.Namespace) -> int:
     import psycopg
 
@@ -524,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": _worker,
         "shard": _shard,
         "status": _status,
+        "retention": _retention,
         "tenants": _tenants,
         "demo": _demo,
         "bench": _bench,

@@ -80,6 +80,11 @@ class EngineConfig:
     background loops retry for a second and try again on their next tick. Defaults
     to 30."""
 
+    retention_interval: float = 10.0
+    """Seconds between a worker's passes deleting expired finished workflows from the
+    shards it owns (see ``Engine.set_retention``; nothing is deleted unless a retention
+    is set). Defaults to 10."""
+
     connect_timeout: float = 30.0
     """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""
 

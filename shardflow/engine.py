@@ -313,6 +313,31 @@ class Engine:
         await self.driver.close()
         self._opened = False
 
+    async def set_retention(self, seconds: float | None, *, tenant: str | None = None
+                            ) -> None:
+        """Delete finished workflows (with their steps, messages, events) ``seconds``
+        after they finished: for ``tenant``, or by default for every tenant without a
+        retention of its own. ``None`` removes it (keep forever). Workers apply it in
+        small batches per shard every ``retention_interval``."""
+        self._require_open()
+        key = "*" if tenant is None else validate_tenant(tenant)
+        if seconds is not None and (isinstance(seconds, bool)
+                                    or not isinstance(seconds, int | float)
+                                    or not seconds >= 0):
+            raise InvalidArgument(f"retention seconds must be a number >= 0 (None: keep "
+                                  f"forever), got {seconds!r}")
+        for node in self.driver.nodes.values():
+            if seconds is None:
+                await self.driver.execute(node, "clear_retention", key)
+            else:
+                await self.driver.execute(node, "set_retention", key, float(seconds))
+
+    async def retention(self) -> list[dict[str, Any]]:
+        """The retention settings ('*' is the default), as stored on the first node."""
+        self._require_open()
+        first = next(iter(self.driver.nodes.values()))
+        return [dict(r) for r in await self.driver.fetch(first, "list_retention")]
+
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serve Prometheus metrics on http://host:port/metrics (0: a free port);
         returns the port. See :mod:`shardflow.metrics`."""

@@ -114,6 +114,7 @@ class Worker:
         self._beat.start()
         self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
         self._tasks.append(asyncio.create_task(self._ownership_loop(), name="ownership"))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -393,6 +394,24 @@ class Worker:
             if r is not None:
                 r.task.cancel()
             self.engine.notify_done(*key)
+
+    async def _retention_loop(self) -> None:
+        """Delete expired finished workflows (small batches per shard) from the shards
+        this worker owns, so the tables stay as small as the retention says."""
+        if self.engine.citus:
+            return  # not on Citus yet: the purge joins a coordinator-local table
+        while True:
+            await asyncio.sleep(self.cfg.retention_interval)
+            for node in self.engine.driver.nodes.values():
+                shards = self._shards(node)
+                if not shards:
+                    continue
+                try:
+                    row = await self.engine.driver.fetchrow(
+                        node, "purge_finished", shards, 500, patience=BACKGROUND)
+                    self.engine.metrics["purged"] += int(row["purged"]) if row else 0
+                except ShardflowError as exc:
+                    log.warning("retention pass on node %s failed: %s", node.name, exc)
 
     async def _recovery_loop(self) -> None:
         ticks = 0

@@ -477,3 +477,18 @@ SELECT tenant_id,
 -- name: grant_tenant
 -- $1 role, $2 tenant: see migration 0004.
 SELECT shardflow.grant_tenant($1, $2) AS granted;
+
+-- name: purge_finished
+-- $1 shards, $2 most workflows per shard per call. See migration 0005.
+SELECT shardflow.purge_finished($1::int[], $2) AS purged;
+
+-- name: set_retention
+INSERT INTO shardflow.retention AS r (tenant_id, keep_seconds) VALUES ($1, $2)
+ON CONFLICT (tenant_id) DO UPDATE SET keep_seconds = excluded.keep_seconds,
+                                      updated_at = excluded.updated_at;
+
+-- name: clear_retention
+DELETE FROM shardflow.retention WHERE tenant_id = $1;
+
+-- name: list_retention
+SELECT tenant_id, keep_seconds, updated_at FROM shardflow.retention ORDER BY tenant_id;

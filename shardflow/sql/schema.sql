@@ -184,6 +184,52 @@ CREATE FUNCTION shardflow.my_tenants() RETURNS text[]
     SELECT coalesce(array_agg(tenant_id), '{}') FROM shardflow.tenant_roles
      WHERE role_name = session_user
 $$;
+CREATE FUNCTION shardflow.purge_finished(p_shards integer[], p_limit integer) RETURNS integer
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    s int;
+    n int;
+    total int := 0;
+    v_default float8;
+    v_min float8;
+BEGIN
+    SELECT keep_seconds INTO v_default FROM shardflow.retention WHERE tenant_id = '*';
+    SELECT min(keep_seconds) INTO v_min FROM shardflow.retention;
+    IF v_min IS NULL THEN
+        RETURN 0;  -- no retention configured: keep everything
+    END IF;
+    FOREACH s IN ARRAY p_shards LOOP
+        CONTINUE WHEN to_regclass('shardflow.workflows_s' || s) IS NULL;
+        -- candidates by the index (older than the shortest retention), then each
+        -- tenant's own retention (or the default; none: kept)
+        EXECUTE format(
+            'WITH doomed AS ('
+            '  SELECT w.tenant_id, w.workflow_id FROM shardflow.%1$I w'
+            '    LEFT JOIN shardflow.retention r ON r.tenant_id = w.tenant_id'
+            '   WHERE w.finished_at IS NOT NULL'
+            '     AND w.finished_at < now() - make_interval(secs => $1)'
+            '     AND w.status IN (''succeeded'', ''failed'', ''dead'', ''cancelled'')'
+            '     AND w.finished_at < now() - make_interval(secs =>'
+            '                          coalesce(r.keep_seconds, $2, ''Infinity''::float8))'
+            '   ORDER BY w.finished_at LIMIT $3'
+            '     FOR UPDATE OF w SKIP LOCKED),'
+            ' del_steps AS (DELETE FROM shardflow.%2$I x USING doomed d'
+            '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id),'
+            ' del_msgs AS (DELETE FROM shardflow.%3$I x USING doomed d'
+            '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id),'
+            ' del_events AS (DELETE FROM shardflow.%4$I x USING doomed d'
+            '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id)'
+            ' DELETE FROM shardflow.%1$I w USING doomed d'
+            '  WHERE w.tenant_id = d.tenant_id AND w.workflow_id = d.workflow_id',
+            'workflows_s' || s, 'steps_s' || s, 'messages_s' || s, 'events_s' || s)
+        USING v_min, v_default, p_limit;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+    END LOOP;
+    RETURN total;
+END
+$_$;
 CREATE FUNCTION shardflow.queue_budgets(p_limit integer, p_tenant_cap integer) RETURNS TABLE(queue text, budget integer, tenant_cap integer, cap_per_queue boolean, rate_limited boolean, concurrency_limited boolean)
     LANGUAGE plpgsql
     AS $$
@@ -297,6 +343,12 @@ CREATE TABLE shardflow.queues (
     CONSTRAINT queues_rate_per_sec_check CHECK ((rate_per_sec > (0)::double precision)),
     CONSTRAINT queues_tenant_concurrency_check CHECK ((tenant_concurrency > 0))
 );
+CREATE TABLE shardflow.retention (
+    tenant_id text NOT NULL,
+    keep_seconds double precision NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT retention_keep_seconds_check CHECK ((keep_seconds >= (0)::double precision))
+);
 CREATE TABLE shardflow.shard_leases (
     shard_id integer NOT NULL,
     owner text,
@@ -398,6 +450,8 @@ ALTER TABLE ONLY shardflow.queue_tokens
     ADD CONSTRAINT queue_tokens_pkey PRIMARY KEY (name);
 ALTER TABLE ONLY shardflow.queues
     ADD CONSTRAINT queues_pkey PRIMARY KEY (name);
+ALTER TABLE ONLY shardflow.retention
+    ADD CONSTRAINT retention_pkey PRIMARY KEY (tenant_id);
 ALTER TABLE ONLY shardflow.shard_leases
     ADD CONSTRAINT shard_leases_pkey PRIMARY KEY (shard_id);
 ALTER TABLE ONLY shardflow.shard_map
@@ -414,6 +468,7 @@ ALTER TABLE ONLY shardflow.workflows
     ADD CONSTRAINT workflows_pkey PRIMARY KEY (tenant_id, workflow_id, shard_id);
 CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
+CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE (finished_at IS NOT NULL);
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
 CREATE INDEX workflows_pending_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);
