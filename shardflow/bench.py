@@ -115,6 +115,9 @@ class BenchOptions:
     json_path: Path | None = None
     # run the same workload on a peer right after (only "dbos")
     peer: str | None = None
+    # delete finished workflows this many seconds after they finish, during the run
+    # (shardflow's retention), and record the workflow tables' size over time
+    retention: float | None = None
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.concurrency is not None:
@@ -149,6 +152,9 @@ class BenchOptions:
         if self.locust_processes < 1 or self.locust_expect_workers < 0:
             raise ValueError("--locust-processes must be >= 1 and "
                              "--locust-expect-workers >= 0")
+        if self.retention is not None and not self.retention >= 5:
+            raise ValueError(f"--retention must be >= 5 seconds (the dashboard must see "
+                             f"each completion before it goes), got {self.retention}")
         if self.peer not in (None, "dbos"):
             raise ValueError(f"--peer: the only peer is 'dbos', got {self.peer!r}")
         EngineConfig(**self.engine_config)  # refuse unknown or invalid settings up front
@@ -195,6 +201,8 @@ class BenchOptions:
             args += ["--peer", self.peer]
         if self.json_path:
             args += ["--json", str(self.json_path)]
+        if self.retention is not None:
+            args += ["--retention", f"{self.retention:g}"]
         return shlex.join(args)
 
 
@@ -354,6 +362,20 @@ def _prepare_node(dsn: str, clean: bool, effects_ddl: str) -> None:
             conn.execute("DELETE FROM shardflow.workflows WHERE name = %s", (WORKFLOW_NAME,))
             conn.execute("TRUNCATE public.bench_effects")
             conn.execute("VACUUM (ANALYZE) shardflow.workflows, shardflow.steps")
+
+
+def _set_retention(nodes: list[NodeSpec], seconds: float | None) -> None:
+    """The default retention on every node for the run (None: remove it after)."""
+    import psycopg
+
+    for n in nodes:
+        with psycopg.connect(n.dsn, autocommit=True) as conn:
+            if seconds is None:
+                conn.execute("DELETE FROM shardflow.retention WHERE tenant_id = '*'")
+            else:
+                conn.execute("INSERT INTO shardflow.retention (tenant_id, keep_seconds) "
+                             "VALUES ('*', %s) ON CONFLICT (tenant_id) DO UPDATE "
+                             "SET keep_seconds = excluded.keep_seconds", (seconds,))
 
 
 def _start_workers(opts: BenchOptions, report_dir: Path) -> list[subprocess.Popen[bytes]]:
@@ -631,6 +653,14 @@ class LocustLoad:
         self.done = True
 
 
+# Bytes of every partition (heap, indexes, TOAST) of the workflow tables on a node.
+SIZE_SQL = """
+SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint
+  FROM pg_inherits i
+ WHERE i.inhparent IN ('shardflow.workflows'::regclass, 'shardflow.steps'::regclass,
+                       'shardflow.messages'::regclass, 'shardflow.events'::regclass)
+"""
+
 POLL_SQL = f"""
 SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS backlog,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
@@ -661,6 +691,9 @@ class Monitor:
         self.live_hist = HdrHistogram(1, HIST_MAX_US, 3)
         self.seen: set[str] = set()
         self.samples: list[tuple[float, int, int]] = []  # (t, submitted, completed)
+        # with retention, rows leave the tables: completions are counted as seen
+        self.count_seen = load.opts.retention is not None
+        self.sizes: list[tuple[float, int]] = []  # (t, bytes of the workflow tables)
         self.completed_rate = 0.0
         self.submitted_rate = 0.0
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -671,6 +704,8 @@ class Monitor:
 
     @property
     def completed(self) -> int:
+        if self.count_seen:
+            return len(self.seen)
         return sum(n.succeeded for n in self.nodes)
 
     @property
@@ -702,6 +737,12 @@ class Monitor:
                 self.live_hist.record_value(min(max(int(r["us"]), 1), HIST_MAX_US))
                 if n.last_finished is None or r["finished_at"] > n.last_finished:
                     n.last_finished = r["finished_at"]
+        if self.count_seen:
+            total = 0
+            for n in self.nodes:
+                with contextlib.suppress(Exception):
+                    total += int(await n.conn.fetchval(SIZE_SQL))
+            self.sizes.append((time.monotonic(), total))
         if isinstance(self.load, LocustLoad) and not self.load.done:
             # locust's own counts arrive when it exits; meanwhile, the rows written
             self.load.submitted = self.backlog + self.completed + self.failed
@@ -903,10 +944,14 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
                  else f"{opts.effective_rate:g}/s")
     console.print(f"bench {run_id}: {len(nodes)} nodes, {spec.shard_map.shard_count} shards, "
                   f"{opts.worker_processes} worker processes, {opts.mode} loop ({load_desc})")
+    if opts.retention is not None:
+        _set_retention(nodes, opts.retention)
     procs = _start_workers(opts, report_dir)
     try:
         res = asyncio.run(_run_async(opts, spec, procs, run_id, console, report_dir, fault))
     finally:
+        if opts.retention is not None:
+            _set_retention(nodes, None)
         exit_codes = _stop_workers(procs)
         for log in report_dir.glob("worker-*.log"):
             if log.stat().st_size == 0:
@@ -924,6 +969,19 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
     t_first = min((r[2] for r in rows), default=0.0)
     t_last = max((float(r[3] or 0) for r in done_rows), default=t_first)
     duration = max(t_last - t_first, 1e-6)
+    monitor: Monitor = res["monitor"]
+    purged = 0
+    if opts.retention is not None:
+        # rows left the tables during the run: completions are those the dashboard saw
+        # finish (each one, its latency from the same timestamps), plus the rows left
+        purged = len(monitor.seen - {r[0] for r in rows})
+        completed += purged
+        hist = monitor.live_hist
+        samples = monitor.samples
+        t0 = next((t for t, s, _ in samples if s > 0), samples[0][0] if samples else 0.0)
+        t1 = next((t for t, _, c in samples if c >= completed), samples[-1][0]
+                  if samples else t0)
+        duration = max(t1 - t0, 1e-6)
     before, after = res["before"], res["after"]
     db_cpu = _delta(before["db_cpu"], after["db_cpu"])
     calls = _delta(before["calls"], after["calls"])
@@ -977,7 +1035,8 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
         "per_node": res["per_node"],
         "worker_exit_codes": exit_codes,
     }
-    audit["ok"] = (completed == started == len(rows) == res["effect_keys"]
+    audit["purged_by_retention"] = purged
+    audit["ok"] = (completed == started == len(rows) + purged == res["effect_keys"]
                    and failed == 0 and res["dup_keys"] == 0 and load.start_errors == 0)
     extras = {
         "run_id": run_id, "hist": hist, "start_lag": load.start_lag,
@@ -987,6 +1046,7 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
         "db_cpu_available": res["db_cpu_available"],
         "cpu_model": _cpu_model(),
         "locust": load.stats if isinstance(load, LocustLoad) else None,
+        "sizes": monitor.sizes,
     }
     _write_report(report_dir, opts, summary, audit, extras)
     if opts.peer == "dbos":
@@ -1252,6 +1312,7 @@ def _write_report(report_dir: Path, opts: BenchOptions, summary: dict[str, Any],
         *([f"_{plot_note}_"] if plot_note else
           ["![throughput](throughput.png)", "", "![latency](latency.png)"]),
         "",
+        *_retention_section(report_dir, opts, audit, extras["sizes"]),
     ]
     (report_dir / "report.md").write_text("\n".join(lines))
     _update_index(Path(opts.results_dir), report_dir, summary, audit, opts)
@@ -1282,6 +1343,43 @@ def _load_description(opts: BenchOptions, lag: HdrHistogram,
                      f"{e['num_failures']} failures, mean "
                      f"{e['total_response_time'] / e['num_requests']:.1f} ms")
     return text + " (full locust statistics: `locust_*.csv`, `locust_final.json`)"
+
+
+def _retention_section(report_dir: Path, opts: BenchOptions, audit: dict[str, Any],
+                       sizes: list[tuple[float, int]]) -> list[str]:
+    """With --retention: the workflow tables' size over the run, and a plot."""
+    if opts.retention is None or not sizes:
+        return []
+    mb = [b / 2**20 for _, b in sizes]
+    t0 = sizes[0][0]
+    third = max(1, len(mb) // 3)
+    lines = ["## Retention", "",
+             f"Finished workflows were deleted {opts.retention:g} s after finishing "
+             f"({audit['purged_by_retention']:,} during the run; completions and latency "
+             "come from the dashboard's once-a-second reads, which saw every one before "
+             "it went). Size of every partition (heap, indexes, TOAST) of the workflow "
+             "tables, all nodes: "
+             f"start {mb[0]:.1f} MB, max {max(mb):.1f} MB, end {mb[-1]:.1f} MB; mean of "
+             f"the middle third {sum(mb[third:2 * third]) / max(1, len(mb[third:2 * third])):.1f}"
+             f" MB vs last third {sum(mb[2 * third:]) / max(1, len(mb[2 * third:])):.1f} MB.",
+             ""]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.plot([t - t0 for t, _ in sizes], mb)
+    ax.set_xlabel("seconds since the load started")
+    ax.set_ylabel("MB (workflows, steps, messages, events)")
+    ax.set_title(f"workflow tables' size with retention {opts.retention:g} s")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report_dir / "table_size.png", dpi=110)
+    plt.close(fig)
+    return [*lines, "![table size](table_size.png)", ""]
 
 
 INDEX_HEADER = [
@@ -1363,6 +1461,9 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="also write summary.json to PATH")
+    p.add_argument("--retention", type=float, metavar="SECONDS",
+                   help="delete finished workflows SECONDS after they finish during the "
+                        "run, and record the workflow tables' size over time")
     p.add_argument("--peer", choices=("dbos",),
                    help="then run the same workload on DBOS Transact (pip install dbos) "
                         "and report both and the ratio")
@@ -1391,7 +1492,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         engine_config=engine_config, drain_timeout=a.drain_timeout,
         clean=not a.keep_old, seed=a.seed, locust_users=a.locust_users,
         locust_processes=a.locust_processes, locust_expect_workers=a.locust_expect_workers,
-        json_path=a.json, peer=a.peer)
+        json_path=a.json, peer=a.peer, retention=a.retention)
 
 
 def main(argv: list[str] | None = None,
