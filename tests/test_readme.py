@@ -32,3 +32,30 @@ def test_quick_start_example_runs(db: PerTestDB) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "receipt-o-1"
+
+
+def test_the_ten_sql_questions_run(db: PerTestDB) -> None:
+    """The README's operator queries run on a node (after some workflows ran there)."""
+    import asyncio
+
+    import psycopg
+
+    text = README.read_text()
+    block = re.search(r"### Ten questions.*?```sql\n(.*?)```", text, re.S)
+    assert block is not None
+    statements = [s.strip() for s in block.group(1).split(";") if s.strip()]
+    assert len(statements) == 10
+    eng = db.engine()
+
+    @eng.workflow(name="readme.sql")
+    async def flow() -> int:
+        return 1
+
+    async def go() -> None:
+        async with eng:
+            await (await eng.start(flow, tenant="readme-sql")).result(timeout=30)
+
+    asyncio.run(go())
+    with psycopg.connect(db.dsn_of(db.node_of_tenant("readme-sql"))) as conn:
+        for sql in statements:
+            conn.execute(sql).fetchall()  # raises on any mistake in the README
