@@ -154,3 +154,16 @@ def test_peer_dbos_runs_the_same_workload(bench_dir: Path) -> None:
     # DBOS's side is audited too: every start completed once, no duplicate effect
     assert figures["completed"] == figures["started"] == 40
     assert figures["duplicates"] == 0 and figures["failed"] == 0
+
+
+def test_bench_with_retention_counts_purged_workflows(bench_dir: Path) -> None:
+    engine = {f.name: getattr(FAST, f.name) for f in dataclasses.fields(FAST)}
+    result = _run(_opts(bench_dir, rate=20.0, duration=9.0, retention=5.0,
+                        engine_config={**engine, "retention_interval": 0.5}))
+    audit = result["audit"]
+    assert audit["ok"], audit
+    assert audit["started"] == 180 and result["summary"]["completed"] == 180
+    assert audit["purged_by_retention"] > 0  # the first seconds' workflows were deleted
+    assert audit["effect_keys"] == 180  # and every one ran its transaction once
+    report = (result["report_dir"] / "report.md").read_text()
+    assert "## Retention" in report
