@@ -230,7 +230,7 @@ def _cluster(args: argparse.Namespace) -> int:
             f"file {lc.file}"
         )
         for n in spec.nodes:
-            console.print(f"  {n.name}  {n.dsn}")
+            console.print(f"  {n.name}  {clusterfile.redact(n.dsn)}")
         return 0
     if args.cluster_command == "status":
         rows = lc.status()

@@ -27,6 +27,14 @@ def default_cluster_file() -> Path:
     return DEFAULT_DIR / FILE_NAME
 
 
+def redact(dsn: str) -> str:
+    """``dsn`` without its password, for messages and logs (URL or key=value form)."""
+    import re
+
+    dsn = re.sub(r"(postgres(?:ql)?://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
     name: str

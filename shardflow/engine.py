@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import psycopg
 
 from . import clusterfile, context
-from .clusterfile import ClusterSpec, NodeSpec
+from .clusterfile import ClusterSpec, NodeSpec, redact
 from .config import EngineConfig
 from .driver import BACKGROUND, Driver, Q
 from .errors import (
@@ -395,7 +395,8 @@ class Engine:
                         distribute(conn)  # idempotent
                     self._citus = True
             if name is not None and node_name is not None and node_name != name:
-                raise RoutingError(f"the cluster file says {dsn} is node {name!r}, but that "
+                raise RoutingError(f"the cluster file says {redact(dsn)} is node {name!r}, "
+                                   "but that "
                                    f"database is node {node_name!r}")
             found.append((name, dsn, node_name, smap))
         maps = [f[3] for f in found if f[3] is not None]
@@ -414,7 +415,8 @@ class Engine:
                     zip(found, names, strict=True)], shard_map
         if len(maps) != len(found):
             missing = [f[1] for f in found if f[3] is None]
-            raise RoutingError(f"some nodes are not initialised (no shard map): {missing}")
+            raise RoutingError("some nodes are not initialised (no shard map): "
+                               f"{[redact(m) for m in missing]}")
         shard_map = max(maps, key=lambda m: m.epoch)
         nodes = [NodeSpec(str(f[2]), "", 0, f[1]) for f in found]
         given = {n.name for n in nodes}
