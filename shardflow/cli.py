@@ -163,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--role", required=True)
     gr.add_argument("--cluster", type=Path, default=None)
 
+    sc = sub.add_parser("schedules", help="cron schedules (engine.schedule(...))")
+    scsub = sc.add_subparsers(dest="schedules_command", required=True, parser_class=_Parser)
+    scl = scsub.add_parser("list", help="every schedule: cron, next run, ticks fired",
+                           epilog="example: shardflow schedules list --tenant acme")
+    scl.add_argument("--tenant", default=None)
+    scl.add_argument("--json", action="store_true")
+    for cmd in ("pause", "resume"):
+        c = scsub.add_parser(cmd, help=f"{cmd} one schedule",
+                             epilog=f"example: shardflow schedules {cmd} acme nightly")
+        c.add_argument("tenant")
+        c.add_argument("schedule_id")
+    for c in (scl, *scsub.choices.values()):
+        if not any(a.dest == "cluster" for a in c._actions):
+            c.add_argument("--cluster", type=Path, default=None)
+
     rt = sub.add_parser("retention", help="how long finished workflows are kept")
     rtsub = rt.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)
     rs = rtsub.add_parser("set", help="delete finished workflows SECONDS after they finish",
@@ -452,6 +467,34 @@ def _grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedules(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    async def run() -> list[dict[str, Any]]:
+        engine = Engine(cluster_file=args.cluster, run_workers=False)
+        async with engine:
+            if args.schedules_command == "list":
+                return await engine.schedules(tenant=args.tenant)
+            await engine.pause_schedule(args.tenant, args.schedule_id,
+                                        paused=args.schedules_command == "pause")
+            return await engine.schedules(tenant=args.tenant)
+
+    rows = asyncio.run(run())
+    if getattr(args, "json", False):
+        print(json.dumps(rows, default=str))
+        return 0
+    t = Table(title="schedules")
+    for col in ("tenant", "schedule", "cron", "workflow", "catch-up", "paused", "next run",
+                "fired"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["tenant_id"], r["schedule_id"], r["cron"], r["workflow_name"],
+                  r["catch_up"], "yes" if r["paused"] else "no",
+                  str(r["next_run_at"])[:19], str(r["fired"]))
+    console.print(t)
+    return 0
+
+
 def _retention(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .errors import InvalidArgument
@@ -567,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shard": _shard,
         "status": _status,
         "retention": _retention,
+        "schedules": _schedules,
         "tenants": _tenants,
         "demo": _demo,
         "bench": _bench,

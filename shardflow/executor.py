@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import asyncpg
 import psycopg
 
 from . import context
+from .cron import Cron
 from .driver import BACKGROUND, DRIVER_ERRORS, Node, Q
 from .errors import (
     NonDeterminismError,
@@ -115,6 +117,7 @@ class Worker:
         self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
         self._tasks.append(asyncio.create_task(self._ownership_loop(), name="ownership"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        self._tasks.append(asyncio.create_task(self._schedule_loop(), name="schedules"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -394,6 +397,48 @@ class Worker:
             if r is not None:
                 r.task.cancel()
             self.engine.notify_done(*key)
+
+    async def _schedule_loop(self) -> None:
+        """Fire due schedule ticks on the shards this worker owns (see migration 0006)."""
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval * 2)
+            for node in self.engine.driver.nodes.values():
+                shards = self._shards(node)
+                if not shards:
+                    continue
+                try:
+                    for row in await self.engine.driver.fetch(
+                            node, "due_schedules", shards, patience=BACKGROUND):
+                        await self._fire(node, row)
+                except ShardflowError as exc:
+                    log.warning("schedules on node %s failed: %s", node.name, exc)
+
+    async def _fire(self, node: Node, row: Any) -> None:
+        cron = Cron.parse(row["cron"])
+        now = dt.datetime.fromtimestamp(row["now"], dt.UTC)
+        ticks = [row["next_run_at"]]
+        while len(ticks) < 1000:  # bounded: the rest on the next pass
+            nxt = cron.next_after(ticks[-1])
+            if nxt > now:
+                break
+            ticks.append(nxt)
+        if row["catch_up"] == "skip":
+            ticks = ticks[-1:]
+        nxt = cron.next_after(ticks[-1])
+        driver = self.engine.driver
+        async with driver.transaction(node) as conn:
+            ok = await conn.fetchrow(
+                Q["advance_schedule"], row["tenant_id"], row["shard_id"], row["schedule_id"],
+                row["next_run_at"], nxt.timestamp(), ticks[-1].timestamp(), len(ticks))
+            if ok is None:
+                return  # another worker fired these ticks
+            for tick in ticks:
+                await conn.fetchrow(
+                    Q["insert_workflow"], row["tenant_id"], row["shard_id"],
+                    f"{row['schedule_id']}@{tick.strftime('%Y%m%dT%H%M%SZ')}",
+                    row["workflow_name"], row["queue"], 0, row["inputs"], None,
+                    self.cfg.max_attempts, None, 0.0, self.cfg.notify)
+        self.engine.metrics["schedule_ticks"] += len(ticks)
 
     async def _retention_loop(self) -> None:
         """Delete expired finished workflows (small batches per shard) from the shards

@@ -492,3 +492,48 @@ DELETE FROM shardflow.retention WHERE tenant_id = $1;
 
 -- name: list_retention
 SELECT tenant_id, keep_seconds, updated_at FROM shardflow.retention ORDER BY tenant_id;
+
+-- name: upsert_schedule
+-- $1 tenant, $2 shard, $3 schedule id, $4 cron, $5 workflow name, $6 inputs, $7 queue,
+-- $8 catch-up, $9 first run (epoch seconds)
+INSERT INTO shardflow.schedules AS s (tenant_id, shard_id, schedule_id, cron, workflow_name,
+                                      inputs, queue, catch_up, next_run_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, to_timestamp($9::float8))
+ON CONFLICT (tenant_id, schedule_id) DO UPDATE
+   SET cron = excluded.cron, workflow_name = excluded.workflow_name,
+       inputs = excluded.inputs, queue = excluded.queue, catch_up = excluded.catch_up,
+       next_run_at = excluded.next_run_at;
+
+-- name: due_schedules
+-- $1 shards. Due, unpaused schedules, oldest first.
+SELECT tenant_id, shard_id, schedule_id, cron, workflow_name, inputs::text AS inputs, queue,
+       catch_up, next_run_at, extract(epoch FROM now())::float8 AS now
+  FROM shardflow.schedules
+ WHERE NOT paused AND next_run_at <= now() AND shard_id = ANY ($1::int[])
+ ORDER BY next_run_at
+ LIMIT 100;
+
+-- name: advance_schedule
+-- $1 tenant, $3 schedule id, $4 the next_run_at read (guard), $5 new next run (epoch),
+-- $6 last tick fired (epoch), $7 ticks fired. No row: another worker fired it first.
+UPDATE shardflow.schedules
+   SET next_run_at = to_timestamp($5::float8), last_run_at = to_timestamp($6::float8),
+       fired = fired + $7
+ WHERE tenant_id = $1 AND schedule_id = $3 AND shard_id = $2 AND next_run_at = $4
+RETURNING 1;
+
+-- name: list_schedules
+-- $1 tenant (null: all), $2 shards of this node.
+SELECT tenant_id, schedule_id, cron, workflow_name, queue, catch_up, paused, next_run_at,
+       last_run_at, fired
+  FROM shardflow.schedules
+ WHERE ($1::text IS NULL OR tenant_id = $1) AND shard_id = ANY ($2::int[])
+ ORDER BY tenant_id, schedule_id;
+
+-- name: pause_schedule
+-- $1 tenant, $2 shard, $3 schedule id, $4 paused, $5 next run if resumed (epoch)
+UPDATE shardflow.schedules
+   SET paused = $4,
+       next_run_at = CASE WHEN $4 THEN next_run_at ELSE to_timestamp($5::float8) END
+ WHERE tenant_id = $1 AND schedule_id = $3 AND shard_id = $2
+RETURNING 1;

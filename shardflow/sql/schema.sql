@@ -349,6 +349,22 @@ CREATE TABLE shardflow.retention (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT retention_keep_seconds_check CHECK ((keep_seconds >= (0)::double precision))
 );
+CREATE TABLE shardflow.schedules (
+    tenant_id text NOT NULL,
+    shard_id integer NOT NULL,
+    schedule_id text NOT NULL,
+    cron text NOT NULL,
+    workflow_name text NOT NULL,
+    inputs jsonb NOT NULL,
+    queue text DEFAULT 'default'::text NOT NULL,
+    catch_up text DEFAULT 'skip'::text NOT NULL,
+    paused boolean DEFAULT false NOT NULL,
+    next_run_at timestamp with time zone NOT NULL,
+    last_run_at timestamp with time zone,
+    fired bigint DEFAULT 0 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT schedules_catch_up_check CHECK ((catch_up = ANY (ARRAY['skip'::text, 'backfill'::text])))
+);
 CREATE TABLE shardflow.shard_leases (
     shard_id integer NOT NULL,
     owner text,
@@ -452,6 +468,8 @@ ALTER TABLE ONLY shardflow.queues
     ADD CONSTRAINT queues_pkey PRIMARY KEY (name);
 ALTER TABLE ONLY shardflow.retention
     ADD CONSTRAINT retention_pkey PRIMARY KEY (tenant_id);
+ALTER TABLE ONLY shardflow.schedules
+    ADD CONSTRAINT schedules_pkey PRIMARY KEY (tenant_id, schedule_id);
 ALTER TABLE ONLY shardflow.shard_leases
     ADD CONSTRAINT shard_leases_pkey PRIMARY KEY (shard_id);
 ALTER TABLE ONLY shardflow.shard_map
@@ -467,6 +485,7 @@ ALTER TABLE ONLY shardflow.workers
 ALTER TABLE ONLY shardflow.workflows
     ADD CONSTRAINT workflows_pkey PRIMARY KEY (tenant_id, workflow_id, shard_id);
 CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
+CREATE INDEX schedules_due_idx ON shardflow.schedules USING btree (next_run_at) WHERE (NOT paused);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
 CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE (finished_at IS NOT NULL);
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
