@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,25 @@ EPILOG = """examples:
   shardflow workflows list --tenant acme --status pending
   shardflow cluster down --purge          stop every node and delete the data
 """
+
+
+def _when(flag: str) -> Callable[[str], dt.datetime]:
+    """An argparse type: an ISO time (UTC when it has no zone) or an age (90s, 15m, 2h,
+    7d) before now."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def parse(text: str) -> dt.datetime:
+        if text and text[-1] in units and text[:-1].isdigit():
+            return dt.datetime.now(dt.UTC) - dt.timedelta(
+                seconds=int(text[:-1]) * units[text[-1]])
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r} is neither an ISO time nor an age like 15m") from None
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", default=None)
     ls.add_argument("--name", default=None)
     ls.add_argument("--limit", type=_positive_int("--limit"), default=50)
+    ls.add_argument("--since", type=_when("--since"), default=None,
+                    help="created at or after: ISO time (UTC if no zone) or an age like "
+                         "90s, 15m, 2h, 7d")
+    ls.add_argument("--until", type=_when("--until"), default=None,
+                    help="created before: same forms as --since")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--cluster", type=Path, default=None)
     for cmd, text in (
@@ -351,8 +376,8 @@ def _workflows(args: argparse.Namespace) -> int:
         engine = Engine(cluster_file=args.cluster, run_workers=False)
         async with engine:
             return await engine.list_workflows(
-                tenant=args.tenant, status=args.status, name=args.name, limit=args.limit
-            )
+                tenant=args.tenant, status=args.status, name=args.name, limit=args.limit,
+                since=args.since, until=args.until)
 
     rows = asyncio.run(run())
     if args.json:

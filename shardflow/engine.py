@@ -661,13 +661,20 @@ class Engine:
         return out
 
     async def list_workflows(self, *, tenant: str | None = None, status: str | None = None,
-                             name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+                             name: str | None = None, limit: int = 100,
+                             since: dt.datetime | None = None,
+                             until: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Workflows across every node (or the tenant's node), newest first."""
         self._require_open()
         if status is not None and status not in STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}; got {status!r}")
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
+        bounds = []
+        for label, when in (("since", since), ("until", until)):
+            if when is not None and (not isinstance(when, dt.datetime) or when.tzinfo is None):
+                raise InvalidArgument(f"{label} must be a timezone-aware datetime, got {when!r}")
+            bounds.append(when.timestamp() if when is not None else None)
         tenant = tenant if tenant is not None else self.tenant
         if tenant is not None:
             validate_tenant(tenant)
@@ -676,7 +683,7 @@ class Engine:
             nodes = list(self.driver.nodes.values())
         results = await asyncio.gather(*(
             self.driver.fetch(n, "list_workflows", tenant, status, name, limit,
-                              self.shard_map.shards_of(n.name)) for n in nodes))
+                              self.shard_map.shards_of(n.name), *bounds) for n in nodes))
         rows = [dict(r) for rs in results for r in rs]
         rows.sort(key=lambda r: r["created_at"], reverse=True)
         return rows[:limit]

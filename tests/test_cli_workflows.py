@@ -64,7 +64,10 @@ def _run_workflows(db: PerTestDB) -> None:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
-    code = cli_main(list(argv))
+    try:
+        code = cli_main(list(argv))
+    except SystemExit as exc:  # argparse's own errors (one line, exit 2)
+        code = int(exc.code or 0)
     cap = capsys.readouterr()
     try:
         return code, json.loads(cap.out), cap.err
@@ -137,3 +140,17 @@ def test_status_and_tenants_top(db: PerTestDB, cluster_file: Path,
 
     code, top, _ = _cli(capsys, "tenants", "top", "--limit", "5", "--json", *c)
     assert code == 0 and top[0]["tenant_id"] == TENANT and top[0]["pending"] == 1
+
+
+def test_list_with_a_time_range(db: PerTestDB, cluster_file: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    _run_workflows(db)
+    c = ["--cluster", str(cluster_file)]
+    code, rows, _ = _cli(capsys, "workflows", "list", "--tenant", TENANT, "--since", "10m",
+                         "--json", *c)
+    assert code == 0 and {r["workflow_id"] for r in rows} == {"wf-broken", "wf-pending"}
+    code, rows, _ = _cli(capsys, "workflows", "list", "--until", "2020-01-01T00:00:00",
+                         "--json", *c)
+    assert code == 0 and rows == []
+    code, _, err = _cli(capsys, "workflows", "list", "--since", "yesterday", *c)
+    assert code == 2 and "--since 'yesterday' is neither" in err

@@ -360,7 +360,8 @@ SELECT s.tenant_id, s.shard_id, src.workflow_id, s.seq, s.name, s.kind, s.status
    AND s.status IN ('done', 'error');
 
 -- name: list_workflows
--- $1 tenant (null = all), $2 status, $3 name, $4 limit, $5 shards of this node
+-- $1 tenant (null = all), $2 status, $3 name, $4 limit, $5 shards of this node,
+-- $6 / $7 created at or after / before (epoch seconds; null = unbounded)
 SELECT tenant_id, workflow_id, name, queue, status, attempts, owner, parent_id,
        created_at, started_at, finished_at, reason
   FROM shardflow.workflows
@@ -368,6 +369,8 @@ SELECT tenant_id, workflow_id, name, queue, status, attempts, owner, parent_id,
    AND ($2::text IS NULL OR status = $2)
    AND ($3::text IS NULL OR name = $3)
    AND shard_id = ANY($5::int[])
+   AND ($6::float8 IS NULL OR created_at >= to_timestamp($6::float8))
+   AND ($7::float8 IS NULL OR created_at < to_timestamp($7::float8))
  ORDER BY created_at DESC
  LIMIT $4;
 
