@@ -88,6 +88,12 @@ class EngineConfig:
     connect_timeout: float = 30.0
     """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""
 
+    tracing: bool = False
+    """OpenTelemetry spans for every workflow run and step (``workflow <name>``,
+    ``step <name>``, ``transaction <name>``, with tenant, workflow id, attempt), through
+    the globally configured tracer provider. Needs ``opentelemetry-api``
+    (``pip install 'shardflow[otel]'``). Defaults to False."""
+
     migrate: bool = True
     """Apply pending migrations on every node when the engine opens. Defaults to True."""
 

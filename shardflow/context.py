@@ -147,7 +147,10 @@ class WorkflowContext:
             raise StepError(name, loads(rec.error))
         t0 = time.perf_counter()
         try:
-            return await self._run_step(fn, seq, name, retries, args, kwargs)
+            with self.engine.span(f"step {name}", **{"shardflow.tenant": self.tenant,
+                                                     "shardflow.workflow_id":
+                                                     self.workflow_id, "shardflow.seq": seq}):
+                return await self._run_step(fn, seq, name, retries, args, kwargs)
         finally:
             self.engine.prom.step_seconds.labels("step").observe(time.perf_counter() - t0)
 
@@ -187,7 +190,10 @@ class WorkflowContext:
             return self._replay(rec)
         t0 = time.perf_counter()
         try:
-            return await self._run_transaction(fn, seq, name, retries, args, kwargs)
+            with self.engine.span(f"transaction {name}", **{
+                    "shardflow.tenant": self.tenant, "shardflow.workflow_id":
+                    self.workflow_id, "shardflow.seq": seq}):
+                return await self._run_transaction(fn, seq, name, retries, args, kwargs)
         finally:
             self.engine.prom.step_seconds.labels("transaction").observe(
                 time.perf_counter() - t0)

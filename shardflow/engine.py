@@ -28,6 +28,7 @@ from .config import EngineConfig
 from .cron import Cron
 from .driver import BACKGROUND, Driver, Q
 from .errors import (
+    ConfigError,
     DatabaseError,
     InvalidArgument,
     RoutingError,
@@ -172,6 +173,16 @@ class Engine:
         self._done_events: dict[tuple[str, str], asyncio.Event] = {}
         self.metrics: Counter[str] = Counter()
         self.prom = EngineMetrics(self)
+        self._tracer: Any = None
+        if self.config.tracing:
+            try:
+                from opentelemetry import trace
+            except ImportError:
+                raise ConfigError("EngineConfig.tracing needs OpenTelemetry: pip install "
+                                  "'shardflow[otel]' (opentelemetry-api)") from None
+            from . import __version__
+
+            self._tracer = trace.get_tracer("shardflow", __version__)
 
     @property
     def citus(self) -> bool:
@@ -395,6 +406,13 @@ class Engine:
         self._require_open()
         first = next(iter(self.driver.nodes.values()))
         return [dict(r) for r in await self.driver.fetch(first, "list_retention")]
+
+    def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
+        """An OpenTelemetry span when ``EngineConfig.tracing`` is on, else nothing."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.start_as_current_span(  # type: ignore[no-any-return]
+            name, attributes={k: v for k, v in attributes.items() if v is not None})
 
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serve Prometheus metrics on http://host:port/metrics (0: a free port);

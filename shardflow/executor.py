@@ -553,6 +553,13 @@ class Worker:
             self.engine.notify_done(ctx.tenant, ctx.workflow_id)
 
     async def _run(self, node: Node, row: Any) -> None:
+        with self.engine.span(f"workflow {row['name']}", **{
+                "shardflow.tenant": row["tenant_id"], "shardflow.workflow_id":
+                row["workflow_id"], "shardflow.attempt": row["attempts"],
+                "shardflow.shard": row["shard_id"]}):
+            await self._run_workflow(node, row)
+
+    async def _run_workflow(self, node: Node, row: Any) -> None:
         engine = self.engine
         tenant, shard, wf_id = row["tenant_id"], row["shard_id"], row["workflow_id"]
         ctx = context.WorkflowContext(engine, tenant, shard, node, wf_id, row["name"],
