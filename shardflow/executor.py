@@ -249,6 +249,8 @@ class Worker:
                     self.wake()  # new shards: sweep them at once
             except ShardflowError as exc:
                 log.warning("shard rebalance failed: %s", exc)
+            except Exception:  # a bug must not stop ownership for good
+                log.exception("shard rebalance crashed; trying again next tick")
             if self.cfg.notify:
                 await self._listen()
 
@@ -382,6 +384,8 @@ class Worker:
                     await self._check_inflight(node)
                 except ShardflowError as exc:
                     log.warning("in-flight check on node %s failed: %s", node.name, exc)
+                except Exception:
+                    log.exception("in-flight check on node %s crashed", node.name)
 
     async def _check_inflight(self, node: Node) -> None:
         mine = [(k, r) for k, r in self.running.items() if r.node is node]
@@ -412,6 +416,8 @@ class Worker:
                         await self._fire(node, row)
                 except ShardflowError as exc:
                     log.warning("schedules on node %s failed: %s", node.name, exc)
+                except Exception:
+                    log.exception("schedules on node %s crashed", node.name)
 
     async def _fire(self, node: Node, row: Any) -> None:
         cron = Cron.parse(row["cron"])
@@ -457,6 +463,8 @@ class Worker:
                     self.engine.metrics["purged"] += int(row["purged"]) if row else 0
                 except ShardflowError as exc:
                     log.warning("retention pass on node %s failed: %s", node.name, exc)
+                except Exception:
+                    log.exception("retention pass on node %s crashed", node.name)
 
     async def _recovery_loop(self) -> None:
         ticks = 0
@@ -501,6 +509,8 @@ class Worker:
                         await self.engine.driver.execute(node, "prune_workers", patience=BACKGROUND)
                 except ShardflowError as exc:
                     log.warning("recovery sweep on node %s failed: %s", node.name, exc)
+                except Exception:  # a bug must not stop recovery for good
+                    log.exception("recovery sweep on node %s crashed", node.name)
 
     async def _reconcile(self, node: Node) -> None:
         """Hand back workflows the database says we run but we do not: a claim whose

@@ -293,11 +293,11 @@ async def test_a_failed_checkpoint_write_hands_the_workflow_back(db: PerTestDB) 
         real = eng.driver.fetchrow
         failed = {"done": False}
 
-        async def flaky(node: Any, query: str, *args: Any) -> Any:
+        async def flaky(node: Any, query: str, *args: Any, **kw: Any) -> Any:
             if query == "step_finished" and not failed["done"]:
                 failed["done"] = True
                 raise RetryableDatabaseError("injected: connection lost", sqlstate="08006")
-            return await real(node, query, *args)
+            return await real(node, query, *args, **kw)
 
         eng.driver.fetchrow = flaky  # type: ignore[method-assign]
         h = await eng.start(hb, tenant="handback", workflow_id="hb1")
