@@ -368,14 +368,14 @@ def _set_retention(nodes: list[NodeSpec], seconds: float | None) -> None:
     """The default retention on every node for the run (None: remove it after)."""
     import psycopg
 
+    from .driver import Q
+
     for n in nodes:
-        with psycopg.connect(n.dsn, autocommit=True) as conn:
+        with psycopg.connect(n.dsn, autocommit=True, cursor_factory=psycopg.RawCursor) as conn:
             if seconds is None:
-                conn.execute("DELETE FROM shardflow.retention WHERE tenant_id = '*'")
+                conn.execute(Q["clear_retention"], ("*",))
             else:
-                conn.execute("INSERT INTO shardflow.retention (tenant_id, keep_seconds) "
-                             "VALUES ('*', %s) ON CONFLICT (tenant_id) DO UPDATE "
-                             "SET keep_seconds = excluded.keep_seconds", (seconds,))
+                conn.execute(Q["set_retention"], ("*", seconds))
 
 
 def _start_workers(opts: BenchOptions, report_dir: Path) -> list[subprocess.Popen[bytes]]:
@@ -1120,13 +1120,22 @@ def _run_peer(opts: BenchOptions, spec: ClusterSpec, console: Console,
                   f"ratio {summary['ratio']}x")
 
 
-def _peer_plot(report_dir: Path, summary: dict[str, Any], peer: dict[str, Any]) -> bool:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not
+    installed (the reports then say so and carry no plots)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _peer_plot(report_dir: Path, summary: dict[str, Any], peer: dict[str, Any]) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     names = ["shardflow", f"DBOS {peer['version']}"]
@@ -1185,12 +1194,8 @@ def _figure_rows(summary: dict[str, Any], audit: dict[str, Any]) -> list[tuple[s
 def _plots(report_dir: Path, rows: list[tuple[str, str, float, float | None]],
            hist: HdrHistogram) -> str | None:
     """throughput.png and latency.png; returns a note when they could not be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not importable: no plots (pip install matplotlib)"
     if not rows:
         return "no workflows: no plots"
@@ -1363,12 +1368,8 @@ def _retention_section(report_dir: Path, opts: BenchOptions, audit: dict[str, An
              f"the middle third {sum(mb[third:2 * third]) / max(1, len(mb[third:2 * third])):.1f}"
              f" MB vs last third {sum(mb[2 * third:]) / max(1, len(mb[2 * third:])):.1f} MB.",
              ""]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return lines
     fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.plot([t - t0 for t, _ in sizes], mb)

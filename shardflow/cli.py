@@ -194,14 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example: shardflow schedules list --tenant acme")
     scl.add_argument("--tenant", default=None)
     scl.add_argument("--json", action="store_true")
+    scl.add_argument("--cluster", type=Path, default=None)
     for cmd in ("pause", "resume"):
         c = scsub.add_parser(cmd, help=f"{cmd} one schedule",
                              epilog=f"example: shardflow schedules {cmd} acme nightly")
         c.add_argument("tenant")
         c.add_argument("schedule_id")
-    for c in (scl, *scsub.choices.values()):
-        if not any(a.dest == "cluster" for a in c._actions):
-            c.add_argument("--cluster", type=Path, default=None)
+        c.add_argument("--cluster", type=Path, default=None)
 
     rt = sub.add_parser("retention", help="how long finished workflows are kept")
     rtsub = rt.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import clusterfile, ha
-from .bench import BenchOptions, FaultContext, run_bench
+from .bench import BenchOptions, FaultContext, pyplot, run_bench
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
 from .driver import dsn_for_server
@@ -316,14 +316,8 @@ def drill_summary(kind: str, result: dict[str, Any], opts: BenchOptions) -> dict
 
 def _plot(report_dir: Path, rows: list[tuple[str, str, float, float | None]],
           fault: dict[str, Any], kind: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not rows:
+    plt = pyplot()
+    if plt is None or not rows:
         return
     t0 = min(r[2] for r in rows)
     ends = sorted(float(r[3]) - t0 for r in rows if r[1] == "succeeded" and r[3] is not None)
