@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .config import EngineConfig
 from .context import patch, recv, set_event, sleep, tenant, workflow_id
-from .engine import Engine, Queue, WorkflowHandle
+from .engine import Engine, Queue, Start, WorkflowHandle
 from .errors import (
     ClusterError,
     ClusterFileError,
@@ -62,6 +62,7 @@ __all__ = [
     "SerializationError",
     "ShardMap",
     "ShardflowError",
+    "Start",
     "StepError",
     "UnknownWorkflowName",
     "WorkflowCancelled",

@@ -85,6 +85,22 @@ class EngineConfig:
     shards it owns (see ``Engine.set_retention``; nothing is deleted unless a retention
     is set). Defaults to 10."""
 
+    group_commit: bool = True
+    """Gather the checkpoint writes of all workflows running on one node (steps started
+    and finished, workflows finished) into one transaction while the previous one
+    commits: one commit for many workflows, each still waiting for its own checkpoint
+    to be durable (see shardflow/batcher.py). Off: one transaction per checkpoint.
+    Ignored on Citus. Defaults to True."""
+
+    group_commit_max: int = 1000
+    """Most checkpoint writes in one group commit. Defaults to 1000."""
+
+    vacuum_after_purged: int = 64
+    """Workflows purged from one shard before the worker VACUUMs its partitions (and
+    at most a minute after its first purge): small partitions see too few deletes for
+    autovacuum to visit them in time, and until a VACUUM the freed space is not reused
+    (see migration 0007). Defaults to 64."""
+
     connect_timeout: float = 30.0
     """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""
 

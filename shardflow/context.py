@@ -126,12 +126,37 @@ class WorkflowContext:
 
     async def _finish_step(self, seq: int, name: str, kind: str, status: str,
                            output: str | None, error: str | None, retries: int = 0) -> None:
-        row = await self._write(
-            "step_finished", self.tenant, self.shard, self.workflow_id,
-            self.fence, seq, name, kind, status, output, error, retries,
-        )
-        if row is None:
+        gc = self.engine.group_commit(self.node)
+        if gc is None:
+            ok = await self._write(
+                "step_finished", self.tenant, self.shard, self.workflow_id,
+                self.fence, seq, name, kind, status, output, error, retries,
+            ) is not None
+        else:
+            try:
+                ok = await gc.step_finished(self.tenant, self.shard, self.workflow_id,
+                                            self.fence, seq, name, kind, status, output,
+                                            error, retries)
+            except ShardflowError as exc:
+                raise WorkflowInterrupt(f"checkpoint of {kind} {name!r} failed: {exc}",
+                                        release=True) from exc
+        if not ok:
             raise self._fenced_out(f"checkpoint of {kind} {name!r}")
+
+    async def _step_started(self, seq: int, name: str) -> int | None:
+        """Record an attempt of step ``name`` at ``seq``: attempts so far, or None when
+        the workflow is no longer ours."""
+        gc = self.engine.group_commit(self.node)
+        if gc is None:
+            row = await self._write("step_started", self.tenant, self.shard,
+                                    self.workflow_id, self.fence, seq, name)
+            return None if row is None else int(row["attempts"])
+        try:
+            return await gc.step_started(self.tenant, self.shard, self.workflow_id,
+                                         self.fence, seq, name)
+        except ShardflowError as exc:
+            raise WorkflowInterrupt(f"start of step {name!r} failed: {exc}",
+                                    release=True) from exc
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self._cfg.step_backoff_max, self._cfg.step_backoff_base * 2**attempt))
@@ -158,12 +183,10 @@ class WorkflowContext:
                         retries: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Record the attempt before running: after a crash the next run increments
         # attempts, so every re-run of an external side effect is counted.
-        started = await self._write(
-            "step_started", self.tenant, self.shard, self.workflow_id, self.fence, seq, name,
-        )
-        if started is None:
+        attempts = await self._step_started(seq, name)
+        if attempts is None:
             raise self._fenced_out(f"start of step {name!r}")
-        if started["attempts"] > 1:
+        if attempts > 1:
             self.engine.metrics["step_reruns"] += 1
         attempt = 0
         while True:

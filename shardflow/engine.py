@@ -15,18 +15,19 @@ import functools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 import psycopg
 
 from . import clusterfile, context
+from .batcher import GroupCommit, StartBatcher, insert_rows
 from .clusterfile import ClusterSpec, NodeSpec, redact
 from .config import EngineConfig
 from .cron import Cron
-from .driver import BACKGROUND, Driver, Q
+from .driver import BACKGROUND, Driver, Node, Q
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -79,6 +80,16 @@ class Queue:
             if v is not None and (not isinstance(v, int | float) or v <= 0):
                 raise InvalidArgument(f"queue {self.name!r}: {field_name} must be > 0 or "
                                       f"None, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Start:
+    """One workflow of :meth:`Engine.start_many`."""
+
+    tenant: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    workflow_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +179,8 @@ class Engine:
         self.driver: Driver = cast(Driver, None)
         self.shard_map: ShardMap = cast(ShardMap, None)
         self._worker: Any = None
+        self._group: dict[str, GroupCommit] = {}
+        self._starts: dict[str, StartBatcher] = {}
         self._opened = False
         self._waiters: dict[tuple[str, str], set[context.WorkflowContext]] = {}
         self._done_events: dict[tuple[str, str], asyncio.Event] = {}
@@ -284,6 +297,17 @@ class Engine:
     def registered(self, name: str) -> _Registered | None:
         return self._workflows.get(name)
 
+    def group_commit(self, node: Node) -> GroupCommit | None:
+        """The checkpoint writer of ``node`` (see shardflow/batcher.py), or None when
+        every write goes on its own (``EngineConfig.group_commit`` off, or Citus)."""
+        if not self.config.group_commit or self.citus:
+            return None
+        gc = self._group.get(node.name)
+        if gc is None:
+            gc = self._group[node.name] = GroupCommit(
+                self.driver, node, max_batch=self.config.group_commit_max)
+        return gc
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
@@ -323,6 +347,12 @@ class Engine:
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
+        for gc in self._group.values():
+            await gc.close()
+        for sb in self._starts.values():
+            await sb.close()
+        self._group.clear()
+        self._starts.clear()
         await self.driver.close()
         self._opened = False
 
@@ -607,12 +637,19 @@ class Engine:
         for attempt in (1, 2):
             routed = self.driver.node_for_shard(shard)
             try:
-                inserted = await self.driver.insert_workflow(
-                    tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name, queue=q,
-                    priority=priority, inputs=inputs, parent_id=None,
-                    max_attempts=reg.max_attempts or self.config.max_attempts,
-                    timeout=timeout, delay=float(delay), notify=self.config.notify,
-                )
+                batcher = self._start_batcher(routed)
+                if batcher is not None:
+                    inserted = await batcher.start((
+                        tenant_id, shard, wf_id, reg.name, q, priority, inputs,
+                        reg.max_attempts or self.config.max_attempts, timeout,
+                        float(delay)))
+                else:
+                    inserted = await self.driver.insert_workflow(
+                        tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name,
+                        queue=q, priority=priority, inputs=inputs, parent_id=None,
+                        max_attempts=reg.max_attempts or self.config.max_attempts,
+                        timeout=timeout, delay=float(delay), notify=self.config.notify,
+                    )
                 break
             except DatabaseError:
                 # the shard may have moved: a stale map's write is refused by the old
@@ -630,6 +667,74 @@ class Engine:
             self.metrics["started"] += 1
             self.wake_workers(shard)
         return WorkflowHandle(self, tenant_id, wf_id)
+
+    def _start_batcher(self, node: Node) -> StartBatcher | None:
+        """Concurrent starts on ``node`` go in one statement (group commit), unless it
+        is off or on Citus."""
+        if not self.config.group_commit or self.citus:
+            return None
+        sb = self._starts.get(node.name)
+        if sb is None:
+            sb = self._starts[node.name] = StartBatcher(
+                self.driver, node, max_batch=self.config.group_commit_max,
+                notify=self.config.notify)
+        return sb
+
+    async def start_many(self, workflow: Callable[..., Any] | str, starts: Iterable[Start],
+                         *, queue: str | None = None, priority: int = 0,
+                         chunk: int = 2000) -> list[WorkflowHandle]:
+        """Start many workflows at once: rows grouped by node and written ``chunk`` per
+        statement, the nodes in parallel. Returns when every row is committed; handles
+        in the order given. Every start is checked before anything is written (a bad
+        one is named by its position and tenant). Existing (tenant, id) pairs are kept
+        and not run twice, as with :meth:`start`."""
+        self._require_open()
+        if context.current() is not None:
+            raise InvalidArgument("start_many cannot be called inside a workflow: start "
+                                  "children one by one with engine.start")
+        reg = self._resolve(workflow)
+        if not isinstance(priority, int):
+            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise InvalidArgument(f"chunk must be an int >= 1, got {chunk!r}")
+        q = queue or reg.queue
+        if q not in self._known_queues:
+            raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
+                                  f"with engine.queue({q!r}) (known: {sorted(self._known_queues)})")
+        max_attempts = reg.max_attempts or self.config.max_attempts
+        handles: list[WorkflowHandle] = []
+        per_node: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
+        for i, st in enumerate(starts):
+            if not isinstance(st, Start):
+                raise InvalidArgument(f"starts[{i}] must be a shardflow.Start, got "
+                                      f"{type(st).__name__}")
+            try:
+                tenant_id = validate_tenant(st.tenant)
+                self._route(tenant_id)
+                if st.workflow_id is not None:
+                    _validate_id(st.workflow_id, "workflow_id")
+                inputs = dump_args(tuple(st.args), dict(st.kwargs), workflow=reg.name,
+                                   max_bytes=self.config.max_payload_bytes)
+            except ShardflowError as exc:
+                raise type(exc)(f"starts[{i}] (tenant {st.tenant!r}): {exc}") from None
+            wf_id = st.workflow_id or str(uuid.uuid4())
+            shard = self.shard_map.shard(tenant_id)
+            node = self.driver.node_for_shard(shard)
+            per_node.setdefault(node.name, []).append((i, (
+                tenant_id, shard, wf_id, reg.name, q, priority, inputs, max_attempts, None,
+                0.0)))
+            handles.append(WorkflowHandle(self, tenant_id, wf_id))
+
+        async def write(name: str, rows: list[tuple[int, tuple[Any, ...]]]) -> None:
+            node = self.driver.nodes[name]
+            for k in range(0, len(rows), chunk):
+                part = [r for _, r in rows[k:k + chunk]]
+                inserted = await insert_rows(self.driver, node, part, self.config.notify)
+                self.metrics["started"] += len(inserted)
+
+        await asyncio.gather(*(write(n, rows) for n, rows in per_node.items()))
+        self.wake_workers()
+        return handles
 
     def _require_open(self) -> None:
         if not self._opened:

@@ -448,9 +448,14 @@ class Worker:
 
     async def _retention_loop(self) -> None:
         """Delete expired finished workflows (small batches per shard) from the shards
-        this worker owns, so the tables stay as small as the retention says."""
+        this worker owns, and VACUUM the partitions that lost enough rows, so the tables
+        stay as small as the retention says (migration 0007 says why autovacuum alone
+        does not keep up with small partitions)."""
         if self.engine.citus:
             return  # not on Citus yet: the purge joins a coordinator-local table
+        # purged rows per (node, shard) since that shard's last VACUUM, and when it was
+        dirty: dict[tuple[str, int], int] = {}
+        since: dict[tuple[str, int], float] = {}
         while True:
             await asyncio.sleep(self.cfg.retention_interval)
             for node in self.engine.driver.nodes.values():
@@ -458,9 +463,23 @@ class Worker:
                 if not shards:
                     continue
                 try:
-                    row = await self.engine.driver.fetchrow(
+                    rows = await self.engine.driver.fetch(
                         node, "purge_finished", shards, 500, patience=BACKGROUND)
-                    self.engine.metrics["purged"] += int(row["purged"]) if row else 0
+                    now = time.monotonic()
+                    for r in rows:
+                        key = (node.name, r["shard_id"])
+                        dirty[key] = dirty.get(key, 0) + int(r["purged"])
+                        since.setdefault(key, now)
+                        self.engine.metrics["purged"] += int(r["purged"])
+                    due = sorted(s for (n, s), count in dirty.items() if n == node.name
+                                 and (count >= self.cfg.vacuum_after_purged
+                                      or now - since[(n, s)] >= 60.0))
+                    if due:
+                        await self.engine.driver.vacuum_shards(node, due)
+                        for s in due:
+                            dirty.pop((node.name, s), None)
+                            since.pop((node.name, s), None)
+                        self.engine.metrics["vacuumed_shards"] += len(due)
                 except ShardflowError as exc:
                     log.warning("retention pass on node %s failed: %s", node.name, exc)
                 except Exception:
@@ -554,11 +573,16 @@ class Worker:
     async def _finish(self, ctx: context.WorkflowContext, status: str, output: str | None,
                       error: dict[str, Any] | None) -> None:
         err = dumps(error, what="error", max_bytes=1_000_000) if error is not None else None
-        row = await self.engine.driver.fetchrow(
-            ctx.node, "finish_workflow", ctx.tenant, ctx.shard, ctx.workflow_id, ctx.fence,
-            status, output, err,
-        )
-        if row is not None:
+        gc = self.engine.group_commit(ctx.node)
+        if gc is None:
+            ok = await self.engine.driver.fetchrow(
+                ctx.node, "finish_workflow", ctx.tenant, ctx.shard, ctx.workflow_id,
+                ctx.fence, status, output, err,
+            ) is not None
+        else:
+            ok = await gc.workflow_finished(ctx.tenant, ctx.shard, ctx.workflow_id,
+                                            ctx.fence, status, output, err)
+        if ok:
             self.engine.metrics[status] += 1
             self.engine.notify_done(ctx.tenant, ctx.workflow_id)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import shardflow
 
 from .conftest import PerTestDB, make_tempdir
-from .flows import EFFECTS_DDL, make_engine
+from .flows import EFFECTS_DDL, FAST, make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -271,13 +272,16 @@ async def test_worker_processes_stop_gracefully_on_sigterm(db: PerTestDB, worker
             parent.kill()
 
 
-async def test_a_failed_checkpoint_write_hands_the_workflow_back(db: PerTestDB) -> None:
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_a_failed_checkpoint_write_hands_the_workflow_back(db: PerTestDB,
+                                                                 group_commit: bool) -> None:
     """When the database refuses a checkpoint write (fault injected once at the driver
     boundary), the worker hands the workflow back; it re-runs from its checkpoints
-    instead of staying 'running' under a live owner forever."""
+    instead of staying 'running' under a live owner forever. With group commit the
+    whole batch carrying the checkpoint fails."""
     from shardflow import RetryableDatabaseError
 
-    eng = db.engine()
+    eng = db.engine(config=dataclasses.replace(FAST, group_commit=group_commit))
     calls = {"n": 0}
 
     @eng.step(name="once")
@@ -290,16 +294,20 @@ async def test_a_failed_checkpoint_write_hands_the_workflow_back(db: PerTestDB) 
         return await once()
 
     async with eng:
-        real = eng.driver.fetchrow
         failed = {"done": False}
+        method = "fetch" if group_commit else "fetchrow"
+        real = getattr(eng.driver, method)
 
         async def flaky(node: Any, query: str, *args: Any, **kw: Any) -> Any:
-            if query == "step_finished" and not failed["done"]:
+            # the single-row write, or a batch carrying a step finished ($7: tenants)
+            finishing = query == "step_finished" or (query == "checkpoint_batch"
+                                                     and len(args[6]) > 0)
+            if finishing and not failed["done"]:
                 failed["done"] = True
                 raise RetryableDatabaseError("injected: connection lost", sqlstate="08006")
             return await real(node, query, *args, **kw)
 
-        eng.driver.fetchrow = flaky  # type: ignore[method-assign]
+        setattr(eng.driver, method, flaky)
         h = await eng.start(hb, tenant="handback", workflow_id="hb1")
         assert await h.result(timeout=20) == "ok"
         info = await eng.get_info("handback", "hb1")

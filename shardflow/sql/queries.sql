@@ -28,6 +28,14 @@ SELECT workflow_id,
             THEN pg_notify('shardflow_work', $2::text) END AS notified
   FROM ins;
 
+-- name: insert_workflows
+-- Bulk starts (migration 0008): $1 tenants, $2 shards, $3 ids, $4 names, $5 queues,
+-- $6 priorities, $7 inputs, $8 max_attempts, $9 timeouts (null = none), $10 delays,
+-- $11 notify. The positions of the rows inserted (others existed already).
+SELECT idx FROM shardflow.insert_workflows(
+    $1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
+    $8::int[], $9::float8[], $10::float8[], $11::bool);
+
 -- name: get_workflow
 SELECT tenant_id, shard_id, workflow_id, name, queue, priority, status, inputs, output, error,
        parent_id, attempts, max_attempts, owner, fence, ready_at, deadline_at, reason,
@@ -42,8 +50,9 @@ SELECT status, output, error
 
 -- name: claim_workflows
 -- $1 shards, $2 workflow names this worker runs, $3 worker id, $4 batch size,
--- $5 most per tenant per call, $6 per-tenant running cap (0 = none). See claim_fair.
-SELECT * FROM shardflow.claim_fair($1::int[], $2::text[], $3, $4, $5, $6);
+-- $5 most per tenant per call, $6 per-tenant running cap (0 = none). See claim_fast
+-- (migration 0008) and claim_fair.
+SELECT * FROM shardflow.claim_fast($1::int[], $2::text[], $3, $4, $5, $6);
 
 -- name: live_workers
 SELECT worker_id FROM shardflow.workers WHERE lease_expires_at > now() ORDER BY worker_id;
@@ -213,6 +222,17 @@ UPDATE shardflow.workflows
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
    AND fence = $4 AND status = 'running'
 RETURNING 1;
+
+-- name: checkpoint_batch
+-- Group commit (migration 0008, shardflow/batcher.py): steps started ($1-$6), steps
+-- finished ($7-$17), workflows finished ($18-$24), column arrays in the order of the
+-- single-row queries above.
+SELECT op, idx, val FROM shardflow.checkpoint_batch(
+    $1::text[], $2::int[], $3::text[], $4::bigint[], $5::int[], $6::text[],
+    $7::text[], $8::int[], $9::text[], $10::bigint[], $11::int[], $12::text[],
+    $13::text[], $14::text[], $15::text[], $16::text[], $17::int[],
+    $18::text[], $19::int[], $20::text[], $21::bigint[], $22::text[], $23::text[],
+    $24::text[]);
 
 -- name: suspend_workflow
 -- Park a running workflow until $5 (epoch seconds): it is claimed again then, or
@@ -482,8 +502,14 @@ SELECT tenant_id,
 SELECT shardflow.grant_tenant($1, $2) AS granted;
 
 -- name: purge_finished
--- $1 shards, $2 most workflows per shard per call. See migration 0005.
-SELECT shardflow.purge_finished($1::int[], $2) AS purged;
+-- $1 shards, $2 most workflows per shard per call: (shard_id, purged) for each shard
+-- that lost some. See migrations 0005 and 0007.
+SELECT shard_id, purged FROM shardflow.purge_finished_shards($1::int[], $2);
+
+-- name: vacuum_partitions
+-- After a purge (migration 0007): {tables} is filled in by the driver with quoted
+-- partition names of the shards that lost rows. Not in a transaction (VACUUM).
+VACUUM (SKIP_LOCKED) {tables};
 
 -- name: set_retention
 INSERT INTO shardflow.retention AS r (tenant_id, keep_seconds) VALUES ($1, $2)

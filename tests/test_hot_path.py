@@ -1,0 +1,145 @@
+"""The hot path: group commit of checkpoints and starts, bulk starts, the fast claim."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+import shardflow
+from shardflow import EngineConfig, InvalidArgument, Start
+
+from .conftest import FAST, PerTestDB
+
+
+def _engine(db: PerTestDB, config: EngineConfig = FAST, **kw: object) -> shardflow.Engine:
+    eng = db.engine(config=config, **kw)
+
+    @eng.step(name="hp.step")
+    async def step(i: int) -> int:
+        return i + 1
+
+    @eng.workflow(name="hp.flow")
+    async def flow(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += await step(i)
+        return total
+
+    return eng
+
+
+def _count(db: PerTestDB, sql: str, *args: object) -> int:
+    total = 0
+    for node in db.spec.nodes:
+        with db.connect(node.name) as conn:
+            row = conn.execute(sql, args).fetchone()
+            total += int(row[0]) if row else 0
+    return total
+
+
+async def test_concurrent_workflows_share_commits(db: PerTestDB) -> None:
+    """200 workflows of 3 steps at once: every checkpoint is written exactly once, and
+    the writes went in far fewer batches than rows (one commit carried many)."""
+    eng = _engine(db)
+    async with eng:
+        handles = await asyncio.gather(*(
+            eng.start("hp.flow", 3, tenant=f"gc-{i % 20}", workflow_id=f"w{i}")
+            for i in range(200)))
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+        writers = list(eng._group.values())
+    assert results == [6] * 200
+    rows = sum(w.rows for w in writers)
+    batches = sum(w.batches for w in writers)
+    # 3 steps started + 3 finished + 1 workflow finished per workflow
+    assert rows == 200 * 7
+    assert batches < rows / 3, (batches, rows)
+    assert _count(db, "SELECT count(*) FROM shardflow.steps WHERE status = 'done' "
+                      "AND attempts = 1 AND tenant_id LIKE 'gc-%%'") == 600
+    assert _count(db, "SELECT count(*) FROM shardflow.workflows WHERE status = 'succeeded' "
+                      "AND tenant_id LIKE 'gc-%%'") == 200
+
+
+async def test_a_batch_writes_nothing_for_a_workflow_it_does_not_own(db: PerTestDB) -> None:
+    """A stale fence in a batch is refused for that row only; the others are written."""
+    eng = _engine(db, run_workers=False)
+    async with eng:
+        h1 = await eng.start("hp.flow", 1, tenant="fence", workflow_id="a")
+        h2 = await eng.start("hp.flow", 1, tenant="fence", workflow_id="b")
+        shard = eng.shard_map.shard("fence")
+        node = eng.driver.node_for_shard(shard)
+        with db.connect(node.name) as conn:  # as a claim would: running, fence 1
+            conn.execute("UPDATE shardflow.workflows SET status = 'running', fence = 1 "
+                         "WHERE tenant_id = 'fence'")
+        gc = eng.group_commit(node)
+        assert gc is not None
+        ok, stale = await asyncio.gather(
+            gc.step_started("fence", shard, h1.workflow_id, 1, 0, "hp.step"),
+            gc.step_started("fence", shard, h2.workflow_id, 7, 0, "hp.step"))
+    assert ok == 1 and stale is None
+    assert _count(db, "SELECT count(*) FROM shardflow.steps WHERE tenant_id = 'fence'") == 1
+
+
+async def test_start_many_writes_every_row_once(db: PerTestDB) -> None:
+    eng = _engine(db)
+    starts = [Start(tenant=f"bulk-{i % 50}", args=(2,), workflow_id=f"b{i}")
+              for i in range(3000)]
+    async with eng:
+        handles = await eng.start_many("hp.flow", starts)
+        assert [h.workflow_id for h in handles[:3]] == ["b0", "b1", "b2"]
+        # the same ids again: kept, not run twice
+        again = await eng.start_many("hp.flow", starts[:100])
+        assert len(again) == 100
+        results = await asyncio.gather(*(h.result(timeout=120) for h in handles))
+    assert results == [3] * 3000
+    assert _count(db, "SELECT count(*) FROM shardflow.workflows "
+                      "WHERE tenant_id LIKE 'bulk-%%'") == 3000
+    assert _count(db, "SELECT count(*) FROM shardflow.steps WHERE tenant_id LIKE 'bulk-%%' "
+                      "AND attempts = 1") == 6000
+
+
+async def test_start_many_refuses_bad_input_before_writing(db: PerTestDB) -> None:
+    eng = _engine(db, run_workers=False)
+    async with eng:
+        with pytest.raises(InvalidArgument, match=r"starts\[2\] \(tenant ''\)"):
+            await eng.start_many("hp.flow", [Start(tenant="ok", args=(1,)),
+                                             Start(tenant="ok2", args=(1,)),
+                                             Start(tenant="", args=(1,))])
+        with pytest.raises(InvalidArgument, match=r"starts\[0\] must be a shardflow.Start"):
+            await eng.start_many("hp.flow", [("ok", 1)])  # type: ignore[list-item]
+        with pytest.raises(InvalidArgument, match="unknown queue"):
+            await eng.start_many("hp.flow", [Start(tenant="ok")], queue="nope")
+    assert _count(db, "SELECT count(*) FROM shardflow.workflows WHERE tenant_id LIKE 'ok%%'"
+                  ) == 0
+
+
+async def test_start_without_group_commit_still_works(db: PerTestDB) -> None:
+    eng = _engine(db, config=dataclasses.replace(FAST, group_commit=False))
+    async with eng:
+        hs = await asyncio.gather(*(eng.start("hp.flow", 2, tenant=f"solo-{i}")
+                                    for i in range(20)))
+        assert await asyncio.gather(*(h.result(timeout=60) for h in hs)) == [3] * 20
+        assert eng._group == {} and eng._starts == {}
+
+
+async def test_claims_take_the_oldest_ready_work_first(db: PerTestDB) -> None:
+    """The fast claim takes ready rows oldest first across the shards it owns."""
+    eng = _engine(db, run_workers=False)
+    async with eng:
+        old = [await eng.start("hp.flow", 0, tenant=f"age-{i}", workflow_id="old")
+               for i in range(10)]
+        await asyncio.sleep(0.05)
+        await eng.start_many("hp.flow", [Start(tenant=f"age-{i}", args=(0,),
+                                               workflow_id=f"new{k}")
+                                         for i in range(10) for k in range(3)])
+        claimed: list[str] = []
+        for node in eng.driver.nodes.values():
+            shards = eng.shard_map.shards_of(node.name)
+            n_old = sum(eng.shard_map.node_of_shard(eng.shard_map.shard(h.tenant))
+                        == node.name for h in old)
+            if n_old:  # as many as there are old ones here: exactly those come first
+                rows = await eng.driver.claim(node, shards, ["hp.flow"], "tester", n_old,
+                                              8, 0)
+                claimed += [r["workflow_id"] for r in rows]
+    assert claimed == ["old"] * 10
