@@ -103,7 +103,8 @@ class GroupCommit:
             else:
                 args.extend([] for _ in range(_WIDTH[op]))
         try:
-            result = await self.driver.fetch(self.node, "checkpoint_batch", *args)
+            result = await self.driver.fetch(self.node, "checkpoint_batch", *args,
+                                             lane="checkpoints")
         except (ShardflowError, OSError) as exc:
             for futs in batch.futures.values():
                 for f in futs:

@@ -22,6 +22,13 @@ What it does, and why each choice:
   divided by the completed workflows.
 * **Audit**: every started workflow completed exactly once (status counts per node),
   no transactional effect applied twice (``public.bench_effects``), none failed.
+* **Backlog** (``--backlog N``): N pending workflows are inserted before the run,
+  server side on each node, with ids of their own (``bl-``) so the audit still covers
+  exactly the run's workflows, and at a priority below them (see ``BACKLOG_PRIORITY``).
+  ``completed_per_sec_all`` counts every completion, theirs included, and the costs
+  are then divided by every workflow completed in the window, theirs included.
+* **Profile** (``--profile``): py-spy samples one worker for ~10 s of the run (without
+  pausing it), and ``pg_stat_statements`` ranks the statements by execution time.
 
 The report goes to ``results/<date>-<scenario>/`` (summary.json, report.md, latency
 .hgrm, PNG plots when matplotlib is importable) and a row in ``results/README.md``.
@@ -43,6 +50,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,8 +85,20 @@ SUMMARY_FIELDS = (
     "workflows_per_sec", "completed", "failed", "duplicates", "latency_ms",
     "db_cpu_us_per_workflow", "wal_bytes_per_workflow", "worker_cpu_us_per_workflow",
     "statements_per_workflow", "nodes", "shards", "tenants", "steps", "duration_s",
-    "machine", "versions", "settings",
+    "machine", "versions", "settings", "backlog", "completed_per_sec_all",
+    "backlog_completed_in_window",
 )
+BACKLOG_PREFIX = "bl-"
+"""Workflow ids of the preloaded backlog (``--backlog``): ``bl-<run id>-<n>``. A run's own
+workflows are ``<run id>-<n>`` with a run id of ``b`` and hex digits, so no pattern of
+the audit (``<run id>-%``) ever matches a backlog row."""
+BACKLOG_PRIORITY = -1
+"""The backlog's priority, below the run's own workflows (0). Within a tenant, claims
+take the highest priority first, then the oldest: at the same priority the run's
+workflows would wait behind the whole backlog (at 300 workflows/s, an hour for a
+million), and the run would measure how long the backlog takes to drain, not the
+latency of new work while N rows are pending. At -1 the backlog takes whatever capacity
+the run's own workflows leave, and every claim still walks a table holding it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +138,11 @@ class BenchOptions:
     # delete finished workflows this many seconds after they finish, during the run
     # (shardflow's retention), and record the workflow tables' size over time
     retention: float | None = None
+    # preload this many pending bench workflows (ids bl-...) before the timed run
+    backlog: int = 0
+    # sample one worker process with py-spy during the run and rank the statements by
+    # execution time (profile-worker.txt, profile-postgres.txt)
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.concurrency is not None:
@@ -157,6 +182,15 @@ class BenchOptions:
                              f"each completion before it goes), got {self.retention}")
         if self.peer not in (None, "dbos"):
             raise ValueError(f"--peer: the only peer is 'dbos', got {self.peer!r}")
+        if self.backlog < 0:
+            raise ValueError(f"--backlog must be >= 0, got {self.backlog}")
+        if self.backlog and (self.peer is not None or self.retention is not None
+                             or self.locust_users is not None):
+            # the peer would run without the backlog (not the same workload), retention
+            # would delete finished backlog rows before they are counted, and the live
+            # counts of a backlog run come from the bench's own starts
+            raise ValueError("--backlog cannot be combined with --peer, --retention or "
+                             "--locust-users")
         EngineConfig(**self.engine_config)  # refuse unknown or invalid settings up front
 
     @property
@@ -203,6 +237,10 @@ class BenchOptions:
             args += ["--json", str(self.json_path)]
         if self.retention is not None:
             args += ["--retention", f"{self.retention:g}"]
+        if self.backlog:
+            args += ["--backlog", str(self.backlog)]
+        if self.profile:
+            args.append("--profile")
         return shlex.join(args)
 
 
@@ -337,6 +375,167 @@ def _delta(a: list[int | None], b: list[int | None]) -> int | None:
     return total
 
 
+# -- profiles (--profile) --------------------------------------------------------------
+
+PROFILE_SECONDS = 10  # py-spy samples one worker this long (less in shorter runs)
+PROFILE_RATE = 100  # samples per second (py-spy's default)
+PROFILE_TOP = 25  # functions listed, by own and by cumulative time
+PROFILE_STATEMENTS = 15  # statements listed by execution time
+
+PSS_SQL = """
+SELECT query, sum(calls)::bigint AS calls, sum(total_exec_time)::float8 AS ms
+  FROM pg_stat_statements
+ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ GROUP BY query
+"""
+
+
+async def _pss_snapshot(servers: list[NodeState]) -> dict[str, tuple[int, float]] | None:
+    """Calls and execution time (ms) per normalized statement, summed over the nodes
+    (the same text has another queryid on each node: object ids differ). None when
+    pg_stat_statements is absent somewhere (the figures would be partial)."""
+    if not all(n.has_pss for n in servers):
+        return None
+    out: dict[str, tuple[int, float]] = {}
+    for n in servers:
+        for r in await n.call("fetch", PSS_SQL):
+            calls, ms = out.get(r["query"], (0, 0.0))
+            out[r["query"]] = (calls + int(r["calls"]), ms + float(r["ms"]))
+    return out
+
+
+def _pg_profile_text(before: dict[str, tuple[int, float]],
+                     after: dict[str, tuple[int, float]], workflows: int) -> str:
+    """The top statements by execution time over the window, per workflow."""
+    delta = []
+    for q, (calls, ms) in after.items():
+        c0, m0 = before.get(q, (0, 0.0))
+        if calls - c0 > 0:
+            delta.append((ms - m0, calls - c0, " ".join(q.split())))
+    delta.sort(reverse=True)
+    total_ms = sum(d[0] for d in delta) or 1e-9
+    wf = max(workflows, 1)
+    lines = [
+        "Postgres statements by total execution time over the measured window",
+        "(pg_stat_statements, every node, summed by normalized text; per workflow = divided "
+        f"by the {workflows:,} workflows completed in the window).",
+        "Execution time is time in the executor (planning not included; lock waits are), "
+        "not CPU time; statements run inside a function (the claim) count in the function's "
+        "call (pg_stat_statements.track = top).",
+        f"Total: {total_ms:,.0f} ms over {sum(d[1] for d in delta):,} calls of "
+        f"{len(delta)} statements.",
+        "",
+        f"{'rank':>4} {'total ms':>10} {'share':>6} {'calls':>9} {'calls/wf':>8} "
+        f"{'µs/wf':>8} {'µs/call':>8}  statement",
+    ]
+    for i, (ms, calls, q) in enumerate(delta[:PROFILE_STATEMENTS], 1):
+        lines.append(f"{i:>4} {ms:>10,.1f} {ms / total_ms:>6.1%} {calls:>9,} "
+                     f"{calls / wf:>8.2f} {ms * 1000 / wf:>8.1f} {ms * 1000 / calls:>8.1f}"
+                     f"  {q[:220]}")
+    return "\n".join(lines) + "\n"
+
+
+def _py_spy_path() -> str | None:
+    """py-spy next to this interpreter (a venv), else on PATH."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.is_file() else shutil.which("py-spy")
+
+
+async def _py_spy(pid: int, opts: BenchOptions, report_dir: Path, console: Console) -> str:
+    """Sample worker process ``pid`` with py-spy from now on; write
+    ``profile-worker.folded.txt`` (py-spy's collapsed stacks, for flame graph tools) and
+    ``profile-worker.txt`` (the top functions). Returns a one-line note for the report;
+    a missing or failing py-spy is reported, never fatal."""
+    exe = _py_spy_path()
+    if exe is None:
+        note = "py-spy is not installed (pip install py-spy): no worker profile"
+        console.print(f"[yellow]{note}[/yellow]")
+        return note
+    seconds = max(1, min(PROFILE_SECONDS, math.floor(opts.duration)))
+    folded = report_dir / "profile-worker.folded.txt"
+    # --nonblocking: read the stacks without pausing the worker, so the profile does not
+    # slow the run it measures (a sample may rarely be torn); --function: one entry per
+    # function, not per line
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+           str(PROFILE_RATE), "--format", "raw", "--function", "--nonblocking",
+           "--output", str(folded)]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=seconds + 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        err = b"did not finish"
+    if proc.returncode != 0 or not folded.is_file():
+        note = (f"py-spy failed (exit {proc.returncode}): "
+                f"{' '.join(err.decode(errors='replace').split())[-300:]}: no worker profile")
+        console.print(f"[yellow]{note}[/yellow]")
+        return note
+    text = _worker_profile_text(folded.read_text(), shlex.join(
+        ["py-spy", *cmd[1:-2], "--output", folded.name]), seconds)
+    (report_dir / "profile-worker.txt").write_text(text)
+    return f"worker process {pid} sampled for {seconds} s"
+
+
+def _worker_profile_text(folded: str, command: str, seconds: int) -> str:
+    """Own time (the function running) and cumulative time (the function anywhere on
+    the stack, counted once per sample even when recursive), as shares of the samples."""
+    own: Counter[str] = Counter()
+    cum: Counter[str] = Counter()
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for f in set(frames):
+            cum[f] += int(count)
+    lines = [
+        f"py-spy profile of one worker process: `{command}`",
+        f"{total:,} samples in {seconds} s at {PROFILE_RATE} Hz (threads waiting idle are "
+        f"not sampled: {total / (seconds * PROFILE_RATE):.0%} of one thread's time was busy).",
+        "",
+    ]
+    for title, counts in (("own time (the function itself was running)", own),
+                          ("cumulative time (the function was on the stack)", cum)):
+        lines += [f"Top {PROFILE_TOP} functions by {title}:", "",
+                  f"{'share':>6} {'samples':>8}  function"]
+        lines += [f"{c / max(total, 1):>6.1%} {c:>8,}  {f}"
+                  for f, c in counts.most_common(PROFILE_TOP)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+async def _backlog_counts(nodes: list[NodeState], run_id: str,
+                          rows: list[tuple[str, str, float, float | None]], monitor: Monitor,
+                          window_end: dict[str, Any]) -> dict[str, int]:
+    """Backlog workflows completed while the run was measured: ``in_run`` between the
+    run's first start and last completion (the interval its throughput divides by) and
+    ``in_window`` between the cost snapshots (the interval of the CPU and WAL figures).
+    Read through the finished_at index, on each node by its own clock."""
+    done = [float(r[3]) for r in rows if r[1] == "succeeded" and r[3] is not None]
+    t_first = min((r[2] for r in rows), default=0.0)
+    t_last = max(done, default=t_first)
+    since = monitor.finished_since or {}
+    in_run = in_window = 0
+    for n in nodes:
+        r = await n.call(
+            "fetchrow",
+            "SELECT count(*) FILTER (WHERE finished_at BETWEEN to_timestamp($2) "
+            "                        AND to_timestamp($3)) AS in_run, "
+            "       count(*) FILTER (WHERE finished_at BETWEEN $4 AND $5) AS in_window "
+            "  FROM shardflow.workflows WHERE finished_at >= $4 AND status = 'succeeded' "
+            f"   AND name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1",
+            f"{BACKLOG_PREFIX}{run_id}-%", t_first, t_last, since[n.spec.name],
+            window_end[n.spec.name])
+        in_run += int(r["in_run"])
+        in_window += int(r["in_window"])
+    return {"in_run": in_run, "in_window": in_window}
+
+
 def _load_benchflows() -> Any:
     """Import ``loadtest.benchflows`` from the repository root (it is not installed)."""
     if str(ROOT) not in sys.path:
@@ -376,6 +575,108 @@ def _set_retention(nodes: list[NodeSpec], seconds: float | None) -> None:
                 conn.execute(Q["clear_retention"], ("*",))
             else:
                 conn.execute(Q["set_retention"], ("*", seconds))
+
+
+# -- the backlog (--backlog) ---------------------------------------------------------------
+
+# Backlog row g (0 <= g < N) belongs to tenant g % T, so the N rows spread evenly over the
+# run's T tenants. One chunk inserts the rows g in [lo, hi) of this node's tenants, all
+# server side: for tenant index ti the rows are g = ti + r*T, so r runs from
+# ceil((lo - ti) / T) to floor((hi - 1 - ti) / T); both numerators are kept >= 0 (ti < T,
+# hi > lo >= 0) so that integer division is the ceiling and the floor. shard_id comes from
+# the node's own shardflow.shard_of: a tenant sent to the wrong node would hit no
+# partition, and its CHECK would refuse a wrong shard.
+BACKLOG_INSERT_SQL = """
+INSERT INTO shardflow.workflows
+    (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, max_attempts)
+SELECT t.name, shardflow.shard_of(t.name, %(shard_count)s), %(prefix)s || (t.ti + r * %(t)s),
+       %(wf)s, %(queue)s, %(priority)s, %(inputs)s::jsonb, %(max_attempts)s
+  FROM unnest(%(names)s::text[], %(tis)s::bigint[]) AS t(name, ti)
+ CROSS JOIN LATERAL generate_series((%(lo)s - t.ti + %(t)s - 1) / %(t)s,
+                                    (%(hi)s - 1 - t.ti + %(t)s) / %(t)s - 1) AS r
+"""
+# The tenants (indexes into the run's tenant list) whose shards this node holds, by the
+# node's own identity and shard map: the truth on the node, even after a shard moved.
+BACKLOG_TENANTS_SQL = """
+SELECT t.ti - 1 AS ti
+  FROM unnest(%(names)s::text[]) WITH ORDINALITY AS t(name, ti),
+       shardflow.node_info i
+ WHERE shardflow.shard_of(t.name, i.shard_count) IN
+       (SELECT m.shard_id FROM shardflow.shard_map m WHERE m.node = i.node_name)
+ ORDER BY 1
+"""
+BACKLOG_CHUNK = 50_000  # rows per transaction: short ones, and a progress bar that moves
+
+
+def _preload_backlog(nodes: list[NodeSpec], opts: BenchOptions, run_id: str,
+                     console: Console) -> dict[str, Any]:
+    """Insert ``opts.backlog`` pending bench workflows (``bl-<run id>-<g>``, the bench's
+    own inputs, priority :data:`BACKLOG_PRIORITY`, ready now) on the nodes that hold
+    their tenants, one thread per node; then VACUUM (ANALYZE) and CHECKPOINT every node,
+    so the autovacuum, statistics and checkpoint the bulk load calls for happen here,
+    not inside the measured window. Returns how long each phase took and the rows per
+    node."""
+    import psycopg
+
+    from .serde import dump_args
+
+    tenants = [f"bench-t{i:05d}" for i in range(opts.tenants)]  # as Load.tenant()
+    config = EngineConfig(**opts.engine_config)
+    # the same payload as Load: the first draw of the seeded generator
+    payload = random.Random(opts.seed).randbytes(opts.payload_bytes).hex()[
+        :opts.payload_bytes]
+    inputs = dump_args((opts.steps, payload, opts.step_ms), {}, workflow=WORKFLOW_NAME,
+                       max_bytes=config.max_payload_bytes)
+    n = opts.backlog
+    rows: dict[str, int] = {}
+    t0 = time.monotonic()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("{task.completed:,.0f} / {task.total:,.0f} rows"),
+                        TextColumn("{task.elapsed:.0f}s"), console=console)
+
+    def load_node(node: NodeSpec, task: Any) -> None:
+        with psycopg.connect(node.dsn, autocommit=True) as conn:
+            tis = [int(r[0]) for r in conn.execute(BACKLOG_TENANTS_SQL, {"names": tenants})]
+            info = conn.execute("SELECT shard_count FROM shardflow.node_info").fetchone()
+            params = {"shard_count": int(info[0]) if info else 0,
+                      "prefix": f"{BACKLOG_PREFIX}{run_id}-", "t": len(tenants),
+                      "wf": WORKFLOW_NAME, "queue": "default", "priority": BACKLOG_PRIORITY,
+                      "inputs": inputs, "max_attempts": config.max_attempts,
+                      "names": [tenants[i] for i in tis], "tis": tis}
+            done = 0
+            for lo in range(0, n, BACKLOG_CHUNK):
+                cur = conn.execute(BACKLOG_INSERT_SQL,
+                                   {**params, "lo": lo, "hi": min(n, lo + BACKLOG_CHUNK)})
+                done += cur.rowcount
+                progress.update(task, advance=cur.rowcount)
+            rows[node.name] = done
+
+    def vacuum_node(node: NodeSpec) -> None:
+        with psycopg.connect(node.dsn, autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE) shardflow.workflows")
+            # needs superuser or pg_checkpoint (PG 15): without it, a checkpoint may
+            # land in the window, as one can in any run
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("CHECKPOINT")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with progress, ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        task = progress.add_task(f"preloading a backlog of {n:,} workflows", total=n)
+        for f in [pool.submit(load_node, node, task) for node in nodes]:
+            f.result()  # an error on any node stops the run before it starts
+        insert_s = time.monotonic() - t0
+        progress.update(task, description="VACUUM (ANALYZE) + CHECKPOINT")
+        for f in [pool.submit(vacuum_node, node) for node in nodes]:
+            f.result()
+    if sum(rows.values()) != n:
+        raise RuntimeError(f"backlog: {sum(rows.values()):,} rows inserted, {n:,} asked "
+                           f"(per node {rows}): does every tenant's shard have a node?")
+    total_s = time.monotonic() - t0
+    console.print(f"backlog: {n:,} pending workflows preloaded in {insert_s:.1f} s "
+                  f"(+ {total_s - insert_s:.1f} s VACUUM/CHECKPOINT); per node {rows}")
+    return {"rows_per_node": rows, "insert_s": round(insert_s, 1),
+            "total_s": round(total_s, 1)}
 
 
 def _start_workers(opts: BenchOptions, report_dir: Path) -> list[subprocess.Popen[bytes]]:
@@ -668,6 +969,18 @@ SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) AS backlog,
   FROM shardflow.workflows
  WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1
 """
+# With a backlog (--backlog), the poll must not scan the table: POLL_SQL would read every
+# pending backlog row of every partition each second (a million rows cost more Postgres
+# CPU than the workflows being measured). This run's finished rows are found through the
+# finished_at index from the run's start (a range over what finished since, backlog
+# completions included); its pending and running ones are then what the client started
+# minus those (Monitor.backlog).
+POLL_FINISHED_SQL = f"""
+SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status IN ('failed', 'dead', 'cancelled')) AS failed
+  FROM shardflow.workflows
+ WHERE finished_at >= $2::timestamptz AND name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1
+"""
 # Latencies of the rows finished since the last poll, for the live percentiles. The
 # window reaches 2 s back (and the caller drops rows it has seen) because finished_at is
 # the finishing transaction's start time: a row may commit after a later poll's now().
@@ -694,6 +1007,8 @@ class Monitor:
         # with retention, rows leave the tables: completions are counted as seen
         self.count_seen = load.opts.retention is not None
         self.sizes: list[tuple[float, int]] = []  # (t, bytes of the workflow tables)
+        # with a backlog: each node's clock at the start of the run (see POLL_FINISHED_SQL)
+        self.finished_since: dict[str, dt.datetime] | None = None
         self.completed_rate = 0.0
         self.submitted_rate = 0.0
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -714,13 +1029,20 @@ class Monitor:
 
     @property
     def backlog(self) -> int:
+        if self.finished_since is not None:
+            return max(0, self.load.submitted - self.completed - self.failed)
         return sum(n.backlog for n in self.nodes)
 
     async def poll(self) -> None:
         for n in self.nodes:
             try:
                 conn = await n.ensure()
-                row = await conn.fetchrow(POLL_SQL, self.pattern)
+                if self.finished_since is None:
+                    row = await conn.fetchrow(POLL_SQL, self.pattern)
+                else:
+                    row = dict(await conn.fetchrow(POLL_FINISHED_SQL, self.pattern,
+                                                   self.finished_since[n.spec.name]))
+                    row["backlog"] = 0  # not counted per node (see Monitor.backlog)
                 live = await conn.fetch(LIVE_LATENCY_SQL, self.pattern, n.last_finished)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     asyncpg.InternalClientError):
@@ -775,8 +1097,12 @@ class Monitor:
                   "-" if h.get_total_count() == 0 else
                   f"{h.get_value_at_percentile(50) / 1000:.1f} / "
                   f"{h.get_value_at_percentile(99) / 1000:.1f} ms")
-        t.add_row("backlog per node (pending+running)",
-                  "  ".join(f"{n.spec.name}:{n.backlog}" for n in self.nodes))
+        if self.finished_since is None:
+            t.add_row("backlog per node (pending+running)",
+                      "  ".join(f"{n.spec.name}:{n.backlog}" for n in self.nodes))
+        else:
+            t.add_row("this run's pending+running (all nodes)", f"{self.backlog:,}")
+            t.add_row("preloaded backlog (bl-*)", f"{self.load.opts.backlog:,} rows")
         errors = self.load.start_errors + self.load.result_errors + self.failed
         t.add_row("errors", f"[red]{errors}[/red]" if errors else "0")
         if self.load.last_error:
@@ -842,9 +1168,19 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         load: Load | LocustLoad = (LocustLoad(opts, run_id, report_dir) if opts.locust_users
                                    else Load(opts, engine, run_id))
         monitor = Monitor(nodes, load, pattern)
+        if opts.backlog:
+            # each node's own clock, as finished_at is: the measured window's start
+            monitor.finished_since = {}
+            for n in nodes:
+                ts = await n.conn.fetchval("SELECT clock_timestamp()")
+                monitor.finished_since[n.spec.name] = ts
+                n.last_finished = ts
+        pss_before = await _pss_snapshot(servers) if opts.profile else None
         before = await _snapshot(servers, [p.pid for p in procs])
         await monitor.poll()
         load_task = asyncio.create_task(load.run())
+        spy = (asyncio.create_task(_py_spy(procs[0].pid, opts, report_dir, console))
+               if opts.profile else None)
         fault_task = (asyncio.create_task(fault.run(FaultContext(
             procs=procs, nodes=nodes, spec=spec, console=console, monitor=monitor)))
             if fault is not None else None)
@@ -869,6 +1205,10 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                         break
         fault_result = await fault_task if fault_task is not None else None
         after = await _snapshot(servers, [p.pid for p in procs])
+        window_end = {n.spec.name: await n.call("fetchval", "SELECT clock_timestamp()")
+                      for n in nodes} if opts.backlog else {}
+        pss_after = await _pss_snapshot(servers) if opts.profile else None
+        spy_note = await spy if spy is not None else None
         wal = 0
         for n, a, b in zip(servers, before["wal"], after["wal"], strict=True):
             # LSNs travel as text: asyncpg has no codec for pg_lsn parameters
@@ -898,7 +1238,10 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
             dup_keys += int(e["dup"])
             effect_rows += int(e["total"])
             effect_keys += int(e["keys"])
+        backlog_counts = (await _backlog_counts(nodes, run_id, rows, monitor, window_end)
+                          if opts.backlog else None)
         return {
+            "backlog": backlog_counts, "pss": (pss_before, pss_after), "spy_note": spy_note,
             "load": load, "monitor": monitor, "before": before, "after": after, "wal": wal,
             "rows": rows, "dup_keys": dup_keys, "effect_rows": effect_rows,
             "effect_keys": effect_keys, "per_node": per_node, "pg_version": pg_version,
@@ -944,6 +1287,7 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
                  else f"{opts.effective_rate:g}/s")
     console.print(f"bench {run_id}: {len(nodes)} nodes, {spec.shard_map.shard_count} shards, "
                   f"{opts.worker_processes} worker processes, {opts.mode} loop ({load_desc})")
+    backlog_info = _preload_backlog(nodes, opts, run_id, console) if opts.backlog else None
     if opts.retention is not None:
         _set_retention(nodes, opts.retention)
     procs = _start_workers(opts, report_dir)
@@ -987,6 +1331,10 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
     calls = _delta(before["calls"], after["calls"])
     worker_cpu = _delta(before["worker_cpu"], after["worker_cpu"])
     config = EngineConfig(**opts.engine_config)
+    backlog_done: dict[str, int] = res["backlog"] or {"in_run": 0, "in_window": 0}
+    # the costs are divided by every workflow completed in their window: with a backlog,
+    # the backlog's completions did their share of the work measured
+    cost_n = completed + backlog_done["in_window"]
     summary: dict[str, Any] = {
         "workflows_per_sec": round(completed / duration, 1) if completed else 0.0,
         "completed": completed,
@@ -995,10 +1343,10 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
         "latency_ms": {"p50": _pct(hist, 50), "p90": _pct(hist, 90), "p99": _pct(hist, 99),
                        "p999": _pct(hist, 99.9),
                        "max": round(hist.get_max_value() / 1000, 3) if completed else 0.0},
-        "db_cpu_us_per_workflow": _per_wf(db_cpu, completed),
-        "wal_bytes_per_workflow": _per_wf(res["wal"], completed),
-        "worker_cpu_us_per_workflow": _per_wf(worker_cpu, completed),
-        "statements_per_workflow": _per_wf(calls, completed, 2),
+        "db_cpu_us_per_workflow": _per_wf(db_cpu, cost_n),
+        "wal_bytes_per_workflow": _per_wf(res["wal"], cost_n),
+        "worker_cpu_us_per_workflow": _per_wf(worker_cpu, cost_n),
+        "statements_per_workflow": _per_wf(calls, cost_n, 2),
         "nodes": len(nodes),
         "shards": spec.shard_map.shard_count,
         "tenants": opts.tenants,
@@ -1017,6 +1365,12 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
                       "payload_bytes": opts.payload_bytes, "step_ms": opts.step_ms,
                       "worker_processes": opts.worker_processes, "seed": opts.seed},
         },
+        "backlog": opts.backlog,
+        # every completion between the run's first start and last completion, the
+        # backlog's included: the throughput with N rows pending
+        "completed_per_sec_all": (round((completed + backlog_done["in_run"]) / duration, 1)
+                                  if completed else 0.0),
+        "backlog_completed_in_window": backlog_done["in_window"],
     }
     assert tuple(summary) == SUMMARY_FIELDS
     started = load.submitted
@@ -1038,7 +1392,12 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
     audit["purged_by_retention"] = purged
     audit["ok"] = (completed == started == len(rows) + purged == res["effect_keys"]
                    and failed == 0 and res["dup_keys"] == 0 and load.start_errors == 0)
+    pss_before, pss_after = res["pss"]
+    if pss_before is not None and pss_after is not None:
+        (report_dir / "profile-postgres.txt").write_text(
+            _pg_profile_text(pss_before, pss_after, cost_n))
     extras = {
+        "backlog": backlog_info, "profile_note": res["spy_note"],
         "run_id": run_id, "hist": hist, "start_lag": load.start_lag,
         "client_cpu_us": after["client_cpu"] - before["client_cpu"],
         "window_s": after["at"] - before["at"], "rows": rows, "scenario": scenario,
@@ -1188,6 +1547,9 @@ def _figure_rows(summary: dict[str, Any], audit: dict[str, Any]) -> list[tuple[s
          f"{summary['nodes']} / {summary['shards']} / {summary['tenants']} / "
          f"{summary['steps']}"),
         ("duration", f"{summary['duration_s']:.1f} s"),
+        *([("with a backlog of", f"{summary['backlog']:,} pending: "
+            f"{summary['completed_per_sec_all']:,.1f} workflows/s completed in all")]
+          if summary.get("backlog") else []),
     ]
 
 
@@ -1318,6 +1680,8 @@ def _write_report(report_dir: Path, opts: BenchOptions, summary: dict[str, Any],
           ["![throughput](throughput.png)", "", "![latency](latency.png)"]),
         "",
         *_retention_section(report_dir, opts, audit, extras["sizes"]),
+        *_backlog_section(opts, summary, extras.get("backlog")),
+        *_profile_section(report_dir, opts, extras.get("profile_note")),
     ]
     (report_dir / "report.md").write_text("\n".join(lines))
     _update_index(Path(opts.results_dir), report_dir, summary, audit, opts)
@@ -1381,6 +1745,52 @@ def _retention_section(report_dir: Path, opts: BenchOptions, audit: dict[str, An
     fig.savefig(report_dir / "table_size.png", dpi=110)
     plt.close(fig)
     return [*lines, "![table size](table_size.png)", ""]
+
+
+def _backlog_section(opts: BenchOptions, summary: dict[str, Any],
+                     info: dict[str, Any] | None) -> list[str]:
+    """With --backlog: what was preloaded and how the figures count it."""
+    if not opts.backlog or info is None:
+        return []
+    return ["## Backlog", "",
+            f"Before the run, {opts.backlog:,} pending `{WORKFLOW_NAME}` workflows (ids "
+            f"`{BACKLOG_PREFIX}<run>-<n>`, the run's inputs, spread evenly over its "
+            f"{opts.tenants:,} tenants, per node {info['rows_per_node']}) were inserted "
+            f"server side in {info['insert_s']} s, then every node was vacuumed, analyzed "
+            f"and checkpointed ({info['total_s']} s in all). They have priority "
+            f"{BACKLOG_PRIORITY}, below the run's own workflows: within a tenant a claim "
+            "takes the run's first, and the backlog takes the capacity they leave.", "",
+            f"* All completions, the backlog's included, between the run's first start and "
+            f"last completion: **{summary['completed_per_sec_all']:,.1f} workflows/s** "
+            f"(the run's own: {summary['workflows_per_sec']:,.1f}/s).",
+            f"* Costs per workflow are divided by every workflow completed in the measured "
+            f"window: {summary['completed']:,} of the run + "
+            f"{summary['backlog_completed_in_window']:,} of the backlog.",
+            "* The audit covers the run's own workflows; the backlog's leftovers stay "
+            "pending until the next run's cleanup (without `--keep-old`).", ""]
+
+
+def _profile_section(report_dir: Path, opts: BenchOptions, note: str | None) -> list[str]:
+    """With --profile: the worker's and Postgres's profiles, inline."""
+    if not opts.profile:
+        return []
+    lines = ["## Profile", ""]
+    worker = report_dir / "profile-worker.txt"
+    if worker.is_file():
+        lines += [f"One worker process, py-spy ({note}; `profile-worker.txt`, collapsed "
+                  "stacks for flame graph tools in `profile-worker.folded.txt`). py-spy "
+                  "itself used CPU during the run: the figures above include that "
+                  "interference.", "", "```text", worker.read_text().rstrip(), "```", ""]
+    else:
+        lines += [f"_No worker profile: {note}._", ""]
+    pg = report_dir / "profile-postgres.txt"
+    if pg.is_file():
+        lines += ["Postgres (`profile-postgres.txt`):", "", "```text",
+                  pg.read_text().rstrip(), "```", ""]
+    else:
+        lines += ["_No Postgres profile: pg_stat_statements is not installed on every "
+                  "node._", ""]
+    return lines
 
 
 INDEX_HEADER = [
@@ -1465,6 +1875,12 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--retention", type=float, metavar="SECONDS",
                    help="delete finished workflows SECONDS after they finish during the "
                         "run, and record the workflow tables' size over time")
+    p.add_argument("--backlog", type=int, default=0, metavar="N",
+                   help="before the run, preload N pending bench workflows (priority -1, "
+                        "ids bl-...) over the tenants: throughput with N rows pending")
+    p.add_argument("--profile", action="store_true",
+                   help="sample one worker process with py-spy for ~10 s during the run "
+                        "and rank the statements by execution time (profile-*.txt)")
     p.add_argument("--peer", choices=("dbos",),
                    help="then run the same workload on DBOS Transact (pip install dbos) "
                         "and report both and the ratio")
@@ -1493,7 +1909,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         engine_config=engine_config, drain_timeout=a.drain_timeout,
         clean=not a.keep_old, seed=a.seed, locust_users=a.locust_users,
         locust_processes=a.locust_processes, locust_expect_workers=a.locust_expect_workers,
-        json_path=a.json, peer=a.peer, retention=a.retention)
+        json_path=a.json, peer=a.peer, retention=a.retention, backlog=a.backlog,
+        profile=a.profile)
 
 
 def main(argv: list[str] | None = None,

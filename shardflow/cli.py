@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import __version__, clusterfile
 from .errors import ClusterError, ShardflowError
+from .localcluster import DEFAULT_SHARDS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--async-replicas", action="store_true",
                     help="asynchronous replication: faster commits, and a failover may "
                          "lose the last acknowledged ones")
-    up.add_argument("--shards", type=int, default=256, help="logical shards (default 256)")
+    up.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
+                    help=f"logical shards (default {DEFAULT_SHARDS}; see the README on "
+                         "choosing: each node's share is one partition per table)")
     up.add_argument("--port", type=int, default=None, help="first port (default: free ports)")
     up.add_argument("--dir", type=Path, default=None, help="data directory (default .shardflow)")
     up.add_argument("--citus", action="store_true",

@@ -95,11 +95,12 @@ class EngineConfig:
     group_commit_max: int = 1000
     """Most checkpoint writes in one group commit. Defaults to 1000."""
 
-    vacuum_after_purged: int = 64
+    vacuum_after_purged: int = 200
     """Workflows purged from one shard before the worker VACUUMs its partitions (and
     at most a minute after its first purge): small partitions see too few deletes for
     autovacuum to visit them in time, and until a VACUUM the freed space is not reused
-    (see migration 0007). Defaults to 64."""
+    (see migration 0007). Each VACUUM also makes the hot statements replan (0009), so
+    not after every few rows. Defaults to 200."""
 
     connect_timeout: float = 30.0
     """Seconds ``Engine`` start keeps retrying nodes that are briefly down. Defaults to 30."""

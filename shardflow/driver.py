@@ -13,7 +13,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -71,6 +71,8 @@ def dsn_for_server(dsn: str, host: str, port: int) -> str:
 class Node:
     spec: NodeSpec
     pool: asyncpg.Pool | None = None
+    # one-connection pools for the hot loops of a process (see Driver.fetch's lane)
+    lanes: dict[str, asyncpg.Pool] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -137,6 +139,16 @@ class Driver:
     async def open(self) -> None:
         await asyncio.gather(*(self._open_node(n) for n in self.nodes.values()))
 
+    async def _create_pool(self, node: Node, size: int) -> asyncpg.Pool:
+        # min_size 0: a pool keeping a minimum reconnects in the background, which
+        # during a failover only fills the log with its failures
+        return await asyncpg.create_pool(
+            node.spec.dsn, min_size=0, max_size=size,
+            max_inactive_connection_lifetime=60, reset=_keep_session,
+            # short OLTP statements: compiling them costs more than it saves
+            server_settings={"jit": "off"},
+        )
+
     async def _open_node(self, node: Node) -> None:
         # Start-up waits for a node that is briefly down instead of crashing
         # (dbos-transact-py#150): retry until connect_timeout.
@@ -145,14 +157,7 @@ class Driver:
         delay = 0.1
         while True:
             try:
-                # min_size 0: a pool keeping a minimum reconnects in the background,
-                # which during a failover only fills the log with its failures
-                node.pool = await asyncpg.create_pool(
-                    node.spec.dsn, min_size=0, max_size=self._pool_size,
-                    max_inactive_connection_lifetime=60, reset=_keep_session,
-                    # short OLTP statements: compiling them costs more than it saves
-                    server_settings={"jit": "off"},
-                )
+                node.pool = await self._create_pool(node, self._pool_size)
                 return
             except DRIVER_ERRORS as exc:
                 err = translate(exc, context=f"connecting to node {node.name}")
@@ -175,6 +180,9 @@ class Driver:
 
     async def close(self) -> None:
         for node in [*self.nodes.values(), *self.placement_nodes.values()]:
+            for lane in node.lanes.values():
+                await lane.close()
+            node.lanes.clear()
             if node.pool is not None:
                 await node.pool.close()
                 node.pool = None
@@ -192,11 +200,25 @@ class Driver:
     # -- primitives ------------------------------------------------------------------
 
     async def fetch(self, node: Node, query: str, *args: Any,
-                    patience: float | None = None) -> list[Record]:
+                    patience: float | None = None, lane: str | None = None) -> list[Record]:
+        """Rows of ``query`` on ``node``. ``lane``: on a connection of its own, kept for
+        one loop of this process (the claim loop, the group commit writer) rather than
+        any pooled one: their statements span every shard partition of the node, and
+        their plan, made once per connection, costs tens of milliseconds to make (and
+        to remake after autovacuum touches a partition) — once per lane, not once per
+        pooled connection."""
         sql = Q[query]
-        return await _with_retry(lambda: self.pool(node).fetch(sql, *args),
-                                 what=f"{query} on node {node.name}", pool=node.pool,
+        pool = self.pool(node) if lane is None else await self._lane(node, lane)
+        return await _with_retry(lambda: pool.fetch(sql, *args),
+                                 what=f"{query} on node {node.name}", pool=pool,
                                  patience=self.patience if patience is None else patience)
+
+    async def _lane(self, node: Node, lane: str) -> asyncpg.Pool:
+        self.pool(node)  # refuses when the engine is closed
+        pool = node.lanes.get(lane)
+        if pool is None:
+            pool = node.lanes[lane] = await self._create_pool(node, 1)
+        return pool
 
     async def fetchrow(self, node: Node, query: str, *args: Any,
                        patience: float | None = None) -> Record | None:
@@ -253,4 +275,4 @@ class Driver:
     async def claim(self, node: Node, shards: list[int], names: list[str], worker_id: str,
                     limit: int, per_tenant: int, tenant_cap: int) -> list[Record]:
         return await self.fetch(node, "claim_workflows", shards, names, worker_id, limit,
-                                per_tenant, tenant_cap, patience=BACKGROUND)
+                                per_tenant, tenant_cap, patience=BACKGROUND, lane="claim")

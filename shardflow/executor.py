@@ -92,6 +92,8 @@ class Worker:
         # claims under way, and how many have begun: see _reconcile
         self._claims_inflight = 0
         self._claims_begun = 0
+        self._claim_threshold = max(1, min(self.cfg.claim_batch,
+                                           self.cfg.max_concurrency) // 2)
         # pending workflows in the shards we own, per node (metrics; every few seconds)
         self.backlog: dict[str, int] = {}
 
@@ -262,7 +264,11 @@ class Worker:
         next_sweep = 0.0
         while not self._stopping:
             free = self.cfg.max_concurrency - len(self.running)
-            if free <= 0:
+            # Under load, wait for half a batch of free slots rather than claiming for
+            # each one that frees up: a claim has a fixed cost (it visits every shard
+            # partition it names), so many claims of a few rows cost several times
+            # more per workflow than a few claims of many.
+            if free <= 0 or (free < self._claim_threshold and self.running):
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue

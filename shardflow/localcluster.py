@@ -32,7 +32,7 @@ from .errors import ClusterError, ClusterFileError
 from .migrate import distribute, init_node, migrate
 from .routing import ShardMap
 
-DEFAULT_SHARDS = 256
+DEFAULT_SHARDS = 64
 DATABASE = "shardflow"
 
 # Recorded in cluster.json and in the load reports. Chosen for a co-located

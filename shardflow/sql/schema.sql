@@ -331,7 +331,8 @@ DECLARE
     t record;
     part text;
 BEGIN
-    FOR t IN SELECT table_name, storage FROM shardflow.sharded_tables ORDER BY table_name LOOP
+    FOR t IN SELECT table_name, storage, tenant_check FROM shardflow.sharded_tables
+              ORDER BY table_name LOOP
         part := format('%s_s%s', t.table_name, p_shard);
         -- a shard moving back finds its old, emptied partition refusing rows: drop it
         IF to_regclass(format('shardflow.%I', part)) IS NOT NULL AND EXISTS (
@@ -345,9 +346,12 @@ BEGIN
                 'CREATE TABLE shardflow.%I PARTITION OF shardflow.%I FOR VALUES IN (%s) %s',
                 part, t.table_name, p_shard,
                 CASE WHEN t.storage = '' THEN '' ELSE format('WITH (%s)', t.storage) END);
-            EXECUTE format(
-                'ALTER TABLE shardflow.%I ADD CONSTRAINT %I CHECK (shardflow.shard_of(tenant_id, %s) = %s)',
-                part, part || '_tenant_shard', p_shard_count, p_shard);
+            IF t.tenant_check THEN
+                EXECUTE format(
+                    'ALTER TABLE shardflow.%I ADD CONSTRAINT %I '
+                    'CHECK (shardflow.shard_of(tenant_id, %s) = %s)',
+                    part, part || '_tenant_shard', p_shard_count, p_shard);
+            END IF;
         END IF;
     END LOOP;
 END
@@ -614,7 +618,8 @@ CREATE TABLE shardflow.shard_map (
 );
 CREATE TABLE shardflow.sharded_tables (
     table_name text NOT NULL,
-    storage text DEFAULT ''::text NOT NULL
+    storage text DEFAULT ''::text NOT NULL,
+    tenant_check boolean DEFAULT true NOT NULL
 );
 CREATE TABLE shardflow.steps (
     tenant_id text NOT NULL,
