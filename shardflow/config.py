@@ -87,13 +87,20 @@ class EngineConfig:
 
     group_commit: bool = True
     """Gather the checkpoint writes of all workflows running on one node (steps started
-    and finished, workflows finished) into one transaction while the previous one
-    commits: one commit for many workflows, each still waiting for its own checkpoint
-    to be durable (see shardflow/batcher.py). Off: one transaction per checkpoint.
-    Ignored on Citus. Defaults to True."""
+    and finished, workflows finished; starts; transaction steps, each in a savepoint)
+    into one transaction while the previous one commits: one commit for many
+    workflows, each still waiting for its own checkpoint to be durable (see
+    shardflow/batcher.py). Off: one transaction per checkpoint. Ignored on Citus.
+    Defaults to True."""
 
     group_commit_max: int = 1000
     """Most checkpoint writes in one group commit. Defaults to 1000."""
+
+    tx_group_max: int = 50
+    """Most transaction steps run in one transaction (each in a savepoint of its own)
+    when group commit is on: they run one after another on one connection, so a slow
+    one delays the others of its group. Past 64 subtransactions in one transaction
+    every snapshot in the server gets slower. Defaults to 50."""
 
     vacuum_after_purged: int = 200
     """Workflows purged from one shard before the worker VACUUMs its partitions (and

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from .batcher import TxOutcome
 from .driver import Node, Q
 from .errors import (
     InvalidArgument,
@@ -224,6 +225,52 @@ class WorkflowContext:
     async def _run_transaction(self, fn: Callable[..., Awaitable[Any]], seq: int, name: str,
                                retries: int, args: tuple[Any, ...],
                                kwargs: dict[str, Any]) -> Any:
+        tb = self.engine.tx_batcher(self.node)
+        if tb is None:
+            return await self._run_transaction_alone(fn, seq, name, retries, args, kwargs)
+
+        async def step(conn: asyncpg.Connection) -> str:
+            return self._dump(await fn(conn, *args, **kwargs),
+                              f"result of transaction {name!r}")
+
+        attempt = transient = 0
+        while True:
+            try:
+                outcome = await tb.run(self.tenant, self.shard, self.workflow_id, self.fence,
+                                       seq, name, step)
+                exc: BaseException | None = outcome.error
+            except RetryableDatabaseError as err:  # the whole group failed (connection)
+                outcome, exc = TxOutcome("error"), err
+            except ShardflowError as err:
+                raise WorkflowInterrupt(f"transaction {name!r}: {err}", release=True) from err
+            if outcome.kind == "ok":
+                return json.loads(outcome.output or "null")
+            if outcome.kind == "recorded":
+                return await self._reload(seq)
+            if outcome.kind == "fenced":
+                raise self._fenced_out(f"checkpoint of transaction {name!r}")
+            if isinstance(exc, RetryableDatabaseError):
+                # not the step's fault (a deadlock victim, a dropped connection): retried,
+                # bounded, then the workflow is left to recovery
+                transient += 1
+                if transient > 10:
+                    raise WorkflowInterrupt(f"transaction {name!r}: {exc}", release=True
+                                            ) from exc
+                await asyncio.sleep(self._backoff(transient))
+                continue
+            assert exc is not None
+            if isinstance(exc, InvalidArgument) or attempt >= retries:
+                payload = error_payload(exc)
+                await self._finish_step(seq, name, "transaction", "error", None,
+                                        json.dumps(payload), attempt)
+                raise StepError(name, payload) from exc
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    async def _run_transaction_alone(self, fn: Callable[..., Awaitable[Any]], seq: int,
+                                     name: str, retries: int, args: tuple[Any, ...],
+                                     kwargs: dict[str, Any]) -> Any:
+        """The transaction step in a transaction of its own (group commit off, Citus)."""
         attempt = transient = 0
         while True:
             try:

@@ -208,12 +208,13 @@ class Driver:
         to remake after autovacuum touches a partition) — once per lane, not once per
         pooled connection."""
         sql = Q[query]
-        pool = self.pool(node) if lane is None else await self._lane(node, lane)
+        pool = self.pool(node) if lane is None else await self.lane(node, lane)
         return await _with_retry(lambda: pool.fetch(sql, *args),
                                  what=f"{query} on node {node.name}", pool=pool,
                                  patience=self.patience if patience is None else patience)
 
-    async def _lane(self, node: Node, lane: str) -> asyncpg.Pool:
+    async def lane(self, node: Node, lane: str) -> asyncpg.Pool:
+        """The one-connection pool ``lane`` of ``node`` (made on first use)."""
         self.pool(node)  # refuses when the engine is closed
         pool = node.lanes.get(lane)
         if pool is None:

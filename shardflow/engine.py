@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import psycopg
 
 from . import clusterfile, context
-from .batcher import GroupCommit, StartBatcher, insert_rows
+from .batcher import GroupCommit, StartBatcher, TxBatcher, insert_rows
 from .clusterfile import ClusterSpec, NodeSpec, redact
 from .config import EngineConfig
 from .cron import Cron
@@ -181,6 +181,7 @@ class Engine:
         self._worker: Any = None
         self._group: dict[str, GroupCommit] = {}
         self._starts: dict[str, StartBatcher] = {}
+        self._tx: dict[str, TxBatcher] = {}
         self._opened = False
         self._waiters: dict[tuple[str, str], set[context.WorkflowContext]] = {}
         self._done_events: dict[tuple[str, str], asyncio.Event] = {}
@@ -351,8 +352,11 @@ class Engine:
             await gc.close()
         for sb in self._starts.values():
             await sb.close()
+        for tb in self._tx.values():
+            await tb.close()
         self._group.clear()
         self._starts.clear()
+        self._tx.clear()
         await self.driver.close()
         self._opened = False
 
@@ -667,6 +671,17 @@ class Engine:
             self.metrics["started"] += 1
             self.wake_workers(shard)
         return WorkflowHandle(self, tenant_id, wf_id)
+
+    def tx_batcher(self, node: Node) -> TxBatcher | None:
+        """Transaction steps on ``node`` run in groups (see TxBatcher), unless group
+        commit is off or on Citus."""
+        if not self.config.group_commit or self.citus:
+            return None
+        tb = self._tx.get(node.name)
+        if tb is None:
+            tb = self._tx[node.name] = TxBatcher(self.driver, node,
+                                                 max_batch=self.config.tx_group_max)
+        return tb
 
     def _start_batcher(self, node: Node) -> StartBatcher | None:
         """Concurrent starts on ``node`` go in one statement (group commit), unless it

@@ -619,8 +619,11 @@ class Worker:
             reg = engine.registered(row["name"])
             if reg is None:  # cannot happen: claims filter by our names
                 return
-            steps = await engine.driver.fetch(node, "load_steps", tenant, shard, wf_id)
-            ctx.recorded = context.recorded_steps(steps)
+            # a claim that knows the workflow has no checkpoints yet says so (fresh);
+            # otherwise (a recovery, a resume, a fork, the fair or Citus claim) read them
+            if row.get("fresh") is not True:
+                steps = await engine.driver.fetch(node, "load_steps", tenant, shard, wf_id)
+                ctx.recorded = context.recorded_steps(steps)
             inputs = loads(row["inputs"])
             token = context._current.set(ctx)
             try:

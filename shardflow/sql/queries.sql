@@ -234,6 +234,17 @@ SELECT op, idx, val FROM shardflow.checkpoint_batch(
     $18::text[], $19::int[], $20::text[], $21::bigint[], $22::text[], $23::text[],
     $24::text[]);
 
+-- name: tx_lock
+-- Transaction steps in groups (migration 0010): $1 tenants, $2 shards, $3 ids,
+-- $4 fences, $5 positions: (idx, owned, recorded) for each.
+SELECT idx, owned, recorded FROM shardflow.tx_lock(
+    $1::text[], $2::int[], $3::text[], $4::bigint[], $5::int[]);
+
+-- name: tx_checkpoints
+-- $1 tenants, $2 shards, $3 ids, $4 positions, $5 step names, $6 outputs (JSON).
+SELECT shardflow.tx_checkpoints($1::text[], $2::int[], $3::text[], $4::int[], $5::text[],
+                                $6::text[]);
+
 -- name: suspend_workflow
 -- Park a running workflow until $5 (epoch seconds): it is claimed again then, or
 -- earlier when a message arrives for it.

@@ -113,7 +113,7 @@ BEGIN
     END IF;
 END
 $$;
-CREATE FUNCTION shardflow.claim_fast(p_shards integer[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer, p_tenant_cap integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision)
+CREATE FUNCTION shardflow.claim_fast(p_shards integer[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer, p_tenant_cap integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, fresh boolean)
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -139,7 +139,7 @@ BEGIN
                 tenant_id := r.tenant_id; shard_id := r.shard_id;
                 workflow_id := r.workflow_id; name := r.name; inputs := r.inputs;
                 fence := r.fence; attempts := r.attempts; max_attempts := r.max_attempts;
-                remaining := r.remaining;
+                remaining := r.remaining; fresh := r.fresh;
                 n := n + 1;
                 RETURN NEXT;
             END LOOP;
@@ -155,7 +155,7 @@ BEGIN
                 tenant_id := r.tenant_id; shard_id := r.shard_id;
                 workflow_id := r.workflow_id; name := r.name; inputs := r.inputs;
                 fence := r.fence; attempts := r.attempts; max_attempts := r.max_attempts;
-                remaining := r.remaining;
+                remaining := r.remaining; fresh := NULL;  -- unknown: read
                 n := n + 1;
                 RETURN NEXT;
             END LOOP;
@@ -170,7 +170,7 @@ BEGIN
     END IF;
 END
 $$;
-CREATE FUNCTION shardflow.claim_oldest(p_shards integer[], p_queue text, p_names text[], p_worker text, p_limit integer, p_per_tenant integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, crowded boolean)
+CREATE FUNCTION shardflow.claim_oldest(p_shards integer[], p_queue text, p_names text[], p_worker text, p_limit integer, p_per_tenant integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, fresh boolean, crowded boolean)
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
     SET jit TO 'off'
@@ -223,13 +223,20 @@ BEGIN
            AND w.status = 'pending'
         RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
                   w.attempts, w.max_attempts,
-                  extract(epoch FROM w.deadline_at - v_now)::float8 AS remaining
+                  extract(epoch FROM w.deadline_at - v_now)::float8 AS remaining,
+                  -- no checkpoints yet (a first run, not a fork or a resume): the
+                  -- worker need not read any
+                  NOT EXISTS (SELECT 1 FROM shardflow.steps s
+                               WHERE s.tenant_id = w.tenant_id
+                                 AND s.workflow_id = w.workflow_id
+                                 AND s.shard_id = w.shard_id) AS fresh
     )
     SELECT c.*, false FROM claimed c
     UNION ALL
     -- one marker row per crowded shard (workflow_id NULL): the caller claims the rest
     -- of its budget there fairly
-    SELECT NULL, x.shard_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM crowded x;
+    SELECT NULL, x.shard_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+      FROM crowded x;
 END
 $$;
 CREATE FUNCTION shardflow.claim_tables(p_tables text[], p_queues text[], p_budgets integer[], p_caps integer[], p_cap_per_queue boolean[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, queue text, slot integer)
@@ -532,6 +539,37 @@ CREATE FUNCTION shardflow.shard_of(tenant text, shard_count integer) RETURNS int
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN ((((('x'::text || "left"(md5(tenant), 8)))::bit(32))::bigint % (shard_count)::bigint))::integer;
 COMMENT ON FUNCTION shardflow.shard_of(tenant text, shard_count integer) IS 'Logical shard of a tenant: first 32 bits of md5(tenant) modulo the shard count. The Python client computes the same (shardflow.routing.shard_of).';
+CREATE FUNCTION shardflow.tx_checkpoints(p_tenant text[], p_shard integer[], p_wf text[], p_seq integer[], p_name text[], p_output text[]) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO shardflow.steps
+        (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, finished_at)
+    SELECT t, sh, wf, sq, nm, 'transaction', 'done', o::jsonb, now()
+      FROM unnest(p_tenant, p_shard, p_wf, p_seq, p_name, p_output) AS i(t, sh, wf, sq, nm, o)
+$$;
+CREATE FUNCTION shardflow.tx_lock(p_tenant text[], p_shard integer[], p_wf text[], p_fence bigint[], p_seq integer[]) RETURNS TABLE(idx integer, owned boolean, recorded boolean)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    SET jit TO 'off'
+    SET enable_hashjoin TO 'off'
+    SET enable_mergejoin TO 'off'
+    SET enable_seqscan TO 'off'
+    AS $$
+BEGIN
+    RETURN QUERY
+    SELECT i.ix::int, l.ok IS NOT NULL,
+           EXISTS (SELECT 1 FROM shardflow.steps s
+                    WHERE s.tenant_id = i.t AND s.workflow_id = i.wf AND s.shard_id = i.sh
+                      AND s.seq = i.sq)
+      FROM unnest(p_tenant, p_shard, p_wf, p_fence, p_seq)
+           WITH ORDINALITY AS i(t, sh, wf, fe, sq, ix)
+      LEFT JOIN LATERAL (SELECT 1 AS ok FROM shardflow.workflows w
+                          WHERE w.tenant_id = i.t AND w.workflow_id = i.wf
+                            AND w.shard_id = i.sh AND w.fence = i.fe
+                            AND w.status = 'running'
+                            FOR SHARE) AS l ON true;
+END
+$$;
 CREATE TABLE shardflow.events (
     tenant_id text NOT NULL,
     shard_id integer NOT NULL,
@@ -732,9 +770,7 @@ CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (fin
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
 CREATE INDEX workflows_pending_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_ready_idx ON ONLY shardflow.workflows USING btree (queue, priority DESC, ready_at) WHERE (status = 'pending'::text);
-CREATE INDEX workflows_running_owner_idx ON ONLY shardflow.workflows USING btree (owner) WHERE (status = 'running'::text);
-CREATE INDEX workflows_running_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id) WHERE (status = 'running'::text);
-CREATE INDEX workflows_running_tenant_idx ON ONLY shardflow.workflows USING btree (tenant_id) WHERE (status = 'running'::text);
+CREATE INDEX workflows_running_idx ON ONLY shardflow.workflows USING btree (tenant_id, queue, owner) WHERE (status = 'running'::text);
 ALTER TABLE shardflow.events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE shardflow.messages ENABLE ROW LEVEL SECURITY;
 ALTER TABLE shardflow.steps ENABLE ROW LEVEL SECURITY;
