@@ -354,10 +354,9 @@ BEGIN
                 part, t.table_name, p_shard,
                 CASE WHEN t.storage = '' THEN '' ELSE format('WITH (%s)', t.storage) END);
             IF t.tenant_check THEN
-                EXECUTE format(
-                    'ALTER TABLE shardflow.%I ADD CONSTRAINT %I '
-                    'CHECK (shardflow.shard_of(tenant_id, %s) = %s)',
-                    part, part || '_tenant_shard', p_shard_count, p_shard);
+                EXECUTE format('ALTER TABLE shardflow.%I ADD CONSTRAINT %I %s',
+                               part, part || '_tenant_shard',
+                               shardflow.tenant_check_sql(p_shard, p_shard_count));
             END IF;
         END IF;
     END LOOP;
@@ -539,6 +538,13 @@ CREATE FUNCTION shardflow.shard_of(tenant text, shard_count integer) RETURNS int
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN ((((('x'::text || "left"(md5(tenant), 8)))::bit(32))::bigint % (shard_count)::bigint))::integer;
 COMMENT ON FUNCTION shardflow.shard_of(tenant text, shard_count integer) IS 'Logical shard of a tenant: first 32 bits of md5(tenant) modulo the shard count. The Python client computes the same (shardflow.routing.shard_of).';
+CREATE FUNCTION shardflow.tenant_check_sql(p_shard integer, p_shard_count integer) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    -- keep in step with shardflow.shard_of (0001) and shardflow.routing.shard_of
+    SELECT format('CHECK (((((''x''::text || "left"(md5(tenant_id), 8)))::bit(32))::bigint '
+                  '%% %s)::integer = %s) NOT VALID', p_shard_count, p_shard)
+$$;
 CREATE FUNCTION shardflow.tx_checkpoints(p_tenant text[], p_shard integer[], p_wf text[], p_seq integer[], p_name text[], p_output text[]) RETURNS void
     LANGUAGE sql
     AS $$
