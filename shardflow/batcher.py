@@ -247,16 +247,26 @@ class _TxOp:
     context: contextvars.Context
 
 
+class _StepFailed(Exception):
+    """A step of a group raised while the group ran without savepoints."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index)
+        self.index = index
+        self.error = error
+
+
 class TxBatcher:
     """Transaction steps of many workflows on one node, one transaction per group.
 
     A transaction step's writes must commit with its checkpoint, so these cannot go
     through :class:`GroupCommit`. Instead, while one group runs, the next gathers, and
     runs as: BEGIN; ``tx_lock`` (every workflow row FOR SHARE at its fence, and which
-    positions are recorded already); each step in a savepoint of its own (a step that
-    raises is rolled back to it, alone); ``tx_checkpoints`` for every step that
-    succeeded; COMMIT. Per step that is one round trip besides the step's own
-    statements, instead of four, and one commit per group instead of one per step.
+    positions are recorded already); each step's function; ``tx_checkpoints`` for
+    every step; COMMIT. Per step, only the step's own statements, instead of four more
+    round trips, and one commit per group instead of one per step. If a step raises,
+    the group is rolled back and run again with each step in a savepoint of its own,
+    that step left out and reported as failed.
 
     What users see: steps of one group run one after another on one connection, in
     one transaction, so a slow step delays the others of its group, and a step sees
@@ -311,20 +321,31 @@ class TxBatcher:
 
     async def _run_group(self, group: list[_TxOp]) -> list[TxOutcome]:
         pool = await self.driver.lane(self.node, "transactions")
+        failed: dict[int, BaseException] = {}
         async with pool.acquire() as conn:
-            await conn.execute("BEGIN")
-            try:
-                outcomes = await self._in_transaction(conn, group)
-                await conn.execute("COMMIT")
-            except BaseException:
-                if not conn.is_closed():
-                    with contextlib.suppress(*DRIVER_ERRORS):
-                        await conn.execute("ROLLBACK")
-                raise
-        return outcomes
+            # First without savepoints (one round trip less per step); if a step
+            # raises, the group is rolled back and run again, each step in a savepoint,
+            # that step reported as failed (the others' writes are made again: a
+            # transaction step may run more than once, its commit happens once).
+            for careful in (False, True):
+                await conn.execute("BEGIN")
+                try:
+                    outcomes = await self._in_transaction(conn, group, careful, failed)
+                    await conn.execute("COMMIT")
+                    return outcomes
+                except _StepFailed as sf:
+                    failed[sf.index] = sf.error
+                    await conn.execute("ROLLBACK")
+                except BaseException:
+                    if not conn.is_closed():
+                        with contextlib.suppress(*DRIVER_ERRORS):
+                            await conn.execute("ROLLBACK")
+                    raise
+        raise AssertionError("unreachable: the careful pass raises no _StepFailed")
 
-    async def _in_transaction(self, conn: asyncpg.Connection,
-                              group: list[_TxOp]) -> list[TxOutcome]:
+    async def _in_transaction(self, conn: asyncpg.Connection, group: list[_TxOp],
+                              careful: bool, failed: dict[int, BaseException]
+                              ) -> list[TxOutcome]:
         locked = await conn.fetch(
             Q["tx_lock"], [o.tenant for o in group], [o.shard for o in group],
             [o.workflow_id for o in group], [o.fence for o in group],
@@ -341,16 +362,22 @@ class TxBatcher:
             if recorded:
                 outcomes.append(TxOutcome("recorded"))
                 continue
-            # a fresh savepoint for this step (the previous one's writes are kept)
-            await conn.execute("RELEASE SAVEPOINT step; SAVEPOINT step" if savepoint
-                               else "SAVEPOINT step")
-            savepoint = True
+            if i in failed:
+                outcomes.append(TxOutcome("error", error=failed[i]))
+                continue
+            if careful:
+                # a fresh savepoint for this step (the previous one's writes are kept)
+                await conn.execute("RELEASE SAVEPOINT step; SAVEPOINT step" if savepoint
+                                   else "SAVEPOINT step")
+                savepoint = True
             try:
                 output = await asyncio.create_task(op.run(conn), context=op.context)
             except (ShardflowError, Exception) as exc:  # the step's own failure
-                await conn.execute("ROLLBACK TO SAVEPOINT step")
-                if isinstance(exc, DRIVER_ERRORS):  # a deadlock victim: retryable
+                if isinstance(exc, DRIVER_ERRORS):  # e.g. a deadlock victim: retryable
                     exc = translate(exc, context=f"transaction step {op.name!r}")
+                if not careful:
+                    raise _StepFailed(i, exc) from None
+                await conn.execute("ROLLBACK TO SAVEPOINT step")
                 outcomes.append(TxOutcome("error", error=exc))
                 continue
             done.append((op, output))
