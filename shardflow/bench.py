@@ -1797,7 +1797,9 @@ INDEX_HEADER = [
     "# Benchmark results",
     "",
     "One row per run directory (`python -m shardflow.bench`, see `loadtest/README.md`); "
-    "a re-run of the same scenario on the same day replaces its row.",
+    "a re-run of the same scenario on the same day replaces its row. Performance reports "
+    "(`python -m loadtest.perfreport`: sweeps, plots, a capacity model) are the "
+    "`*-performance/` directories, their runs under `runs/`.",
     "",
     "| run | mode | nodes | tenants | steps | workflows/s | p50 ms | p99 ms | "
     "PG CPU µs/wf | WAL B/wf | stmts/wf | worker CPU µs/wf | audit |",
