@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from .driver import DRIVER_ERRORS, Q
-from .errors import ShardflowError, translate
+from .errors import RetryableDatabaseError, ShardflowError, translate
 
 if TYPE_CHECKING:
     from .driver import Driver, Node
@@ -36,6 +36,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardflow.batcher")
 
 STEP_STARTED, STEP_FINISHED, WORKFLOW_FINISHED = 1, 2, 3
+
+
+def _closed(what: str) -> ShardflowError:
+    return ShardflowError(f"the engine closed before {what} was written")
+
+
+def _fail(futures: list[asyncio.Future[Any]], exc: BaseException) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_exception(exc)
+
+
+def _spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    # an empty context: the flusher serves every workflow, it must not carry (and keep
+    # alive) the context of whichever one happened to start it
+    return asyncio.create_task(coro, name=name, context=contextvars.Context())
 _WIDTH = {STEP_STARTED: 6, STEP_FINISHED: 11, WORKFLOW_FINISHED: 7}
 
 
@@ -57,6 +73,7 @@ class GroupCommit:
         self.max_batch = max_batch
         self._next = _Batch()
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
         # figures for the bench and metrics: batches written and rows in them
         self.batches = 0
         self.rows = 0
@@ -80,14 +97,15 @@ class GroupCommit:
             tenant, shard, workflow_id, fence, status, output, error)) is not None
 
     async def _submit(self, op: int, row: tuple[Any, ...]) -> int | None:
+        if self._closed:
+            raise _closed("a checkpoint")
         fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         batch = self._next
         batch.rows[op].append(row)
         batch.futures[op].append(fut)
         batch.size += 1
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(),
-                                                name=f"group-commit:{self.node.name}")
+            self._flusher = _spawn(self._flush_loop(), f"group-commit:{self.node.name}")
         return await fut
 
     async def _flush_loop(self) -> None:
@@ -107,24 +125,27 @@ class GroupCommit:
                 args.extend(list(col) for col in zip(*rows, strict=True))
             else:
                 args.extend([] for _ in range(_WIDTH[op]))
+        futures = [f for futs in batch.futures.values() for f in futs]
         try:
             result = await self.driver.fetch(self.node, "checkpoint_batch", *args,
                                              lane="checkpoints")
-        except (ShardflowError, OSError) as exc:
-            for futs in batch.futures.values():
-                for f in futs:
-                    if not f.done():
-                        f.set_exception(exc)
+        except ShardflowError as exc:
+            if batch.size > 1 and not isinstance(exc, RetryableDatabaseError):
+                # one bad row (the database refused it) must not fail the others: each
+                # one again on its own, so only the culprit gets the error
+                for single in _singles(batch):
+                    await self._write(single)
+                return
+            _fail(futures, exc)
             return
-        except BaseException as exc:  # cancelled (engine closing): nobody is left waiting
-            for futs in batch.futures.values():
-                for f in futs:
-                    if not f.done():
-                        f.cancel()
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:  # a bug: the writes' owners get an error, not a hang
             log.exception("group commit on node %s crashed", self.node.name)
+            _fail(futures, ShardflowError(f"group commit on node {self.node.name} "
+                                          f"crashed: {exc!r}"))
             return
+        except BaseException:  # cancelled: the engine is closing
+            _fail(futures, _closed("a checkpoint"))
+            raise
         self.batches += 1
         self.rows += batch.size
         got: dict[tuple[int, int], int] = {(r["op"], r["idx"]): r["val"] for r in result}
@@ -134,10 +155,27 @@ class GroupCommit:
                     f.set_result(got.get((op, i)))
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        _fail([f for futs in self._next.futures.values() for f in futs],
+              _closed("a checkpoint"))
+        self._next = _Batch()
+
+
+def _singles(batch: _Batch) -> list[_Batch]:
+    """Each write of ``batch`` as a batch of its own."""
+    out = []
+    for op in (STEP_STARTED, STEP_FINISHED, WORKFLOW_FINISHED):
+        for row, fut in zip(batch.rows[op], batch.futures[op], strict=True):
+            one = _Batch()
+            one.rows[op].append(row)
+            one.futures[op].append(fut)
+            one.size = 1
+            out.append(one)
+    return out
 
 
 def _split(batch: _Batch, limit: int, rest: _Batch) -> tuple[_Batch, _Batch]:
@@ -171,42 +209,60 @@ class StartBatcher:
         self._rows: list[tuple[Any, ...]] = []
         self._futures: list[asyncio.Future[bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self, row: tuple[Any, ...]) -> bool:
         """Insert one workflow row (the columns of ``insert_workflows``); False when the
         (tenant, id) existed already."""
+        if self._closed:
+            raise _closed("a start")
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._rows.append(row)
         self._futures.append(fut)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(),
-                                                name=f"start-batch:{self.node.name}")
+            self._flusher = _spawn(self._flush_loop(), f"start-batch:{self.node.name}")
         return await fut
 
     async def _flush_loop(self) -> None:
         while self._rows:
             rows, futs = self._rows[:self.max_batch], self._futures[:self.max_batch]
             del self._rows[:self.max_batch], self._futures[:self.max_batch]
-            try:
-                inserted = await insert_rows(self.driver, self.node, rows, self.notify)
-            except ShardflowError as exc:
-                for f in futs:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
-            for i, f in enumerate(futs, start=1):
-                if not f.done():
-                    f.set_result(i in inserted)
+            await self._insert(rows, futs)
+
+    async def _insert(self, rows: list[tuple[Any, ...]],
+                      futs: list[asyncio.Future[bool]]) -> None:
+        try:
+            inserted = await insert_rows(self.driver, self.node, rows, self.notify)
+        except ShardflowError as exc:
+            if len(rows) > 1 and not isinstance(exc, RetryableDatabaseError):
+                # one refused row (e.g. a tenant filed under a shard this node no
+                # longer holds) must not fail the other starts: each on its own
+                for row, fut in zip(rows, futs, strict=True):
+                    await self._insert([row], [fut])
+                return
+            _fail(list(futs), exc)
+            return
+        except Exception as exc:
+            log.exception("start batch on node %s crashed", self.node.name)
+            _fail(list(futs), ShardflowError(f"start batch on node {self.node.name} "
+                                             f"crashed: {exc!r}"))
+            return
+        except BaseException:
+            _fail(list(futs), _closed("a start"))
+            raise
+        for i, f in enumerate(futs, start=1):
+            if not f.done():
+                f.set_result(i in inserted)
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        _fail(list(self._futures), _closed("a start"))
+        self._rows.clear()
+        self._futures.clear()
 
 
 async def insert_rows(driver: Driver, node: Node, rows: list[tuple[Any, ...]],
@@ -281,6 +337,7 @@ class TxBatcher:
         self.max_batch = max_batch
         self._ops: list[_TxOp] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
         self.groups = 0
         self.steps = 0
 
@@ -288,30 +345,33 @@ class TxBatcher:
                   name: str, run: Callable[[asyncpg.Connection], Coroutine[Any, Any, str]]
                   ) -> TxOutcome:
         """Run ``run(conn)`` (the step; returns its serialized result) in a group."""
+        if self._closed:
+            raise _closed(f"transaction step {name!r}")
         fut: asyncio.Future[TxOutcome] = asyncio.get_running_loop().create_future()
         self._ops.append(_TxOp(tenant, shard, workflow_id, fence, seq, name, run, fut,
                                contextvars.copy_context()))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(),
-                                                name=f"tx-group:{self.node.name}")
+            self._flusher = _spawn(self._flush_loop(), f"tx-group:{self.node.name}")
         return await fut
 
     async def _flush_loop(self) -> None:
         while self._ops:
             group = self._ops[:self.max_batch]
             del self._ops[:self.max_batch]
+            futures = [op.future for op in group]
             try:
                 outcomes = await self._run_group(group)
             except (ShardflowError, *DRIVER_ERRORS) as exc:
-                err = exc if isinstance(exc, ShardflowError) else translate(
-                    exc, context=f"transaction group on node {self.node.name}")
-                for op in group:
-                    if not op.future.done():
-                        op.future.set_exception(err)
+                _fail(futures, exc if isinstance(exc, ShardflowError) else translate(
+                    exc, context=f"transaction group on node {self.node.name}"))
                 continue
-            except BaseException:
-                for op in group:
-                    op.future.cancel()
+            except Exception as exc:  # a bug: the steps' owners get an error, not a hang
+                log.exception("transaction group on node %s crashed", self.node.name)
+                _fail(futures, ShardflowError(f"transaction group on node "
+                                              f"{self.node.name} crashed: {exc!r}"))
+                continue
+            except BaseException:  # cancelled: the engine is closing
+                _fail(futures, _closed("a transaction step"))
                 raise
             self.groups += 1
             self.steps += len(group)
@@ -327,20 +387,24 @@ class TxBatcher:
             # raises, the group is rolled back and run again, each step in a savepoint,
             # that step reported as failed (the others' writes are made again: a
             # transaction step may run more than once, its commit happens once).
+            # asyncpg's own transaction objects, so that a step's conn.transaction()
+            # nests (a savepoint) as it does when the step runs alone.
             for careful in (False, True):
-                await conn.execute("BEGIN")
+                tr = conn.transaction()
+                await tr.start()
                 try:
                     outcomes = await self._in_transaction(conn, group, careful, failed)
-                    await conn.execute("COMMIT")
-                    return outcomes
                 except _StepFailed as sf:
                     failed[sf.index] = sf.error
-                    await conn.execute("ROLLBACK")
+                    await tr.rollback()
+                    continue
                 except BaseException:
                     if not conn.is_closed():
                         with contextlib.suppress(*DRIVER_ERRORS):
-                            await conn.execute("ROLLBACK")
+                            await tr.rollback()
                     raise
+                await tr.commit()
+                return outcomes
         raise AssertionError("unreachable: the careful pass raises no _StepFailed")
 
     async def _in_transaction(self, conn: asyncpg.Connection, group: list[_TxOp],
@@ -353,7 +417,7 @@ class TxBatcher:
         state = {r["idx"]: (r["owned"], r["recorded"]) for r in locked}
         outcomes: list[TxOutcome] = []
         done: list[tuple[_TxOp, str]] = []
-        savepoint = False
+        ran = False
         for i, op in enumerate(group, start=1):
             owned, recorded = state.get(i, (False, False))
             if not owned:
@@ -365,24 +429,31 @@ class TxBatcher:
             if i in failed:
                 outcomes.append(TxOutcome("error", error=failed[i]))
                 continue
-            if careful:
-                # a fresh savepoint for this step (the previous one's writes are kept)
-                await conn.execute("RELEASE SAVEPOINT step; SAVEPOINT step" if savepoint
-                                   else "SAVEPOINT step")
-                savepoint = True
+            if ran:
+                # what the step before set with SET LOCAL / SET LOCAL ROLE ends with
+                # its own transaction when it runs alone: here, before the next one
+                await conn.execute(_RESET)
+            ran = True
+            sp = conn.transaction() if careful else None
+            if sp is not None:
+                await sp.start()  # SAVEPOINT
             try:
                 output = await asyncio.create_task(op.run(conn), context=op.context)
             except (ShardflowError, Exception) as exc:  # the step's own failure
                 if isinstance(exc, DRIVER_ERRORS):  # e.g. a deadlock victim: retryable
                     exc = translate(exc, context=f"transaction step {op.name!r}")
-                if not careful:
+                if sp is None:
                     raise _StepFailed(i, exc) from None
-                await conn.execute("ROLLBACK TO SAVEPOINT step")
+                await sp.rollback()  # ROLLBACK TO SAVEPOINT: this step's writes only
                 outcomes.append(TxOutcome("error", error=exc))
                 continue
+            if sp is not None:
+                await sp.commit()  # RELEASE SAVEPOINT
             done.append((op, output))
             outcomes.append(TxOutcome("ok", output=output))
         if done:
+            if ran:
+                await conn.execute(_RESET)  # the checkpoints as the engine, not a SET ROLE
             await conn.execute(
                 Q["tx_checkpoints"], [o.tenant for o, _ in done], [o.shard for o, _ in done],
                 [o.workflow_id for o, _ in done], [o.seq for o, _ in done],
@@ -390,7 +461,15 @@ class TxBatcher:
         return outcomes
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        _fail([op.future for op in self._ops], _closed("a transaction step"))
+        self._ops.clear()
+
+
+# RESET ALL leaves the role alone (GUC_NO_RESET_ALL); the connection's start-up settings
+# (jit off) are its reset values, so they stay.
+_RESET = "RESET ALL; RESET ROLE"

@@ -348,15 +348,15 @@ class Engine:
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
-        for gc in self._group.values():
-            await gc.close()
-        for sb in self._starts.values():
-            await sb.close()
-        for tb in self._tx.values():
-            await tb.close()
+        # the writers last: the worker's runs may still be waiting on them above; what
+        # is still queued then fails with an error (nobody is left waiting forever)
+        writers: list[GroupCommit | StartBatcher | TxBatcher] = [
+            *self._group.values(), *self._starts.values(), *self._tx.values()]
         self._group.clear()
         self._starts.clear()
         self._tx.clear()
+        for w in writers:
+            await w.close()
         await self.driver.close()
         self._opened = False
 

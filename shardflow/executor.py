@@ -268,10 +268,20 @@ class Worker:
             # each one that frees up: a claim has a fixed cost (it visits every shard
             # partition it names), so many claims of a few rows cost several times
             # more per workflow than a few claims of many.
-            if free <= 0 or (free < self._claim_threshold and self.running):
+            if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            if free < self._claim_threshold and self.running:
+                # ...but never for longer than a poll: runs that wait in this process
+                # (a parent awaiting a child this worker must claim) may hold the
+                # slots that would fill the half batch
+                self._slot_free.clear()
+                try:
+                    await asyncio.wait_for(self._slot_free.wait(), self.cfg.poll_interval)
+                    continue  # a slot freed: look again
+                except TimeoutError:
+                    pass  # claim what is free
             limit = min(free, self.cfg.claim_batch)
             owned = set(self._target_units(target))
             hot = self._hot.setdefault(target.name, set())
@@ -477,14 +487,21 @@ class Worker:
                         dirty[key] = dirty.get(key, 0) + int(r["purged"])
                         since.setdefault(key, now)
                         self.engine.metrics["purged"] += int(r["purged"])
+                    owned = set(shards)
+                    for key in [k for k in dirty if k[0] == node.name and k[1] not in owned]:
+                        # moved or rebalanced away: its partitions may be gone here
+                        dirty.pop(key, None)
+                        since.pop(key, None)
                     due = sorted(s for (n, s), count in dirty.items() if n == node.name
                                  and (count >= self.cfg.vacuum_after_purged
                                       or now - since[(n, s)] >= 60.0))
+                    # forgotten before the VACUUM: one that fails (a partition dropped
+                    # by a shard move meanwhile) is not tried again forever
+                    for s in due:
+                        dirty.pop((node.name, s), None)
+                        since.pop((node.name, s), None)
                     if due:
                         await self.engine.driver.vacuum_shards(node, due)
-                        for s in due:
-                            dirty.pop((node.name, s), None)
-                            since.pop((node.name, s), None)
                         self.engine.metrics["vacuumed_shards"] += len(due)
                 except ShardflowError as exc:
                     log.warning("retention pass on node %s failed: %s", node.name, exc)

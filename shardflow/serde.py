@@ -8,10 +8,14 @@ error naming it, before anything is written.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from typing import Any
 
 from .errors import PayloadTooLarge, SerializationError
+
+# an escaped NUL (\u0000) not itself escaped (\\u0000 is a backslash and "u0000")
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def dumps(value: Any, *, what: str, max_bytes: int) -> str:
@@ -19,6 +23,11 @@ def dumps(value: Any, *, what: str, max_bytes: int) -> str:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"{what} cannot be serialized to JSON: {exc}") from exc
+    if "\\u0000" in text and _NUL.search(text):
+        # valid JSON, but Postgres's jsonb refuses it: refused here, naming the value,
+        # rather than failing a whole group-committed batch of other workflows' writes
+        raise SerializationError(f"{what} contains a NUL character (\\u0000), which "
+                                 "Postgres cannot store in jsonb")
     if len(text) > max_bytes:
         raise PayloadTooLarge(
             f"{what} is {len(text)} bytes serialized; the limit is {max_bytes} "

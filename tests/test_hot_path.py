@@ -189,3 +189,58 @@ async def test_transaction_steps_in_groups_commit_once_each(db: PerTestDB) -> No
     # one write per succeeding step, filed under its own workflow; none of the failed
     assert sorted(rows) == sorted((f"tx-{i % 7}", f"t{i}", i) for i in range(100)
                                   if i % 10 != 7)
+
+
+async def test_a_claim_over_many_shards_does_not_starve_a_tenant_behind_a_flood(
+        db: PerTestDB) -> None:
+    """A claim that spans every shard of a node (a sweep), with older work elsewhere that
+    could fill the whole batch: a small tenant whose one workflow sits behind a flood in
+    the same shard is still claimed in the first call."""
+    eng = _engine(db, run_workers=False)
+    async with eng:
+        smap = eng.shard_map
+        flood = "flood-0"
+        shard = smap.shard(flood)
+        node_name = smap.node_of_shard(shard)
+        small = next(t for t in (f"small-{i}" for i in range(10_000))
+                     if smap.shard(t) == shard)
+        others = [t for t in (f"other-{i}" for i in range(10_000))
+                  if smap.node_of_shard(smap.shard(t)) == node_name
+                  and smap.shard(t) != shard][:20]
+        # oldest first: other shards' work, then the flood, then the small tenant
+        await eng.start_many("hp.flow", [Start(tenant=t, args=(0,)) for t in others
+                                         for _ in range(3)])
+        await eng.start_many("hp.flow", [Start(tenant=flood, args=(0,))
+                                         for _ in range(100)])
+        await eng.start_many("hp.flow", [Start(tenant=small, args=(0,), workflow_id="s")])
+        node = eng.driver.nodes[node_name]
+        rows = await eng.driver.claim(node, smap.shards_of(node_name), ["hp.flow"],
+                                      "tester", 32, 8, 0)
+    tenants = [r["tenant_id"] for r in rows]
+    assert small in tenants, (len(rows), sorted(set(tenants)))
+    assert len(rows) <= 32 and tenants.count(flood) <= 8
+
+
+async def test_a_value_postgres_refuses_fails_only_its_own_workflow(db: PerTestDB) -> None:
+    """A step result with a NUL character (valid JSON, refused by jsonb) is refused at
+    the boundary for that workflow; the others sharing its group commits succeed."""
+    eng = db.engine()
+
+    @eng.step(name="hp.nul")
+    async def nul(i: int) -> str:
+        return "bad\x00value" if i == 7 else f"ok{i}"
+
+    @eng.workflow(name="hp.nulflow")
+    async def nulflow(i: int) -> str:
+        return await nul(i)
+
+    async with eng:
+        handles = await asyncio.gather(*(eng.start("hp.nulflow", i, tenant=f"nul-{i % 3}")
+                                         for i in range(20)))
+        outcomes = await asyncio.gather(*(h.result(timeout=60) for h in handles),
+                                        return_exceptions=True)
+    for i, out in enumerate(outcomes):
+        if i == 7:
+            assert isinstance(out, shardflow.WorkflowFailed) and "NUL" in str(out), out
+        else:
+            assert out == f"ok{i}", out

@@ -184,8 +184,9 @@ DECLARE
     v_now timestamptz := now();
     -- rows read per shard: enough for the batch from a few busy shards, not the whole
     -- batch from every shard (a backlog would make each claim read shards x batch)
-    v_per_shard int := least(p_limit, greatest(
-        p_per_tenant, ceil(p_limit * 2.0 / greatest(cardinality(p_shards), 1))::int));
+    -- and always more than p_per_tenant, so that a shard crowded by one tenant shows
+    v_per_shard int := greatest(p_per_tenant + 1, least(
+        p_limit, ceil(p_limit * 2.0 / greatest(cardinality(p_shards), 1))::int));
 BEGIN
     RETURN QUERY
     WITH cand AS MATERIALIZED (
@@ -201,13 +202,21 @@ BEGIN
                            AND w.name = ANY(p_names)
                          ORDER BY w.priority DESC, w.ready_at
                          LIMIT v_per_shard) AS c
-    ), picked AS (
-        SELECT cand.tenant_id, cand.shard_id, cand.workflow_id FROM cand
-         WHERE cand.rn <= p_per_tenant
-         ORDER BY cand.priority DESC, cand.ready_at
-         LIMIT p_limit
     ), crowded AS (
         SELECT DISTINCT cand.shard_id FROM cand WHERE cand.rn > p_per_tenant
+    ), picked AS (
+        -- crowded shards are left to the fair claim, with part of the batch kept for
+        -- it (the caller runs it for what this leaves), so a busy rest of the node
+        -- cannot take the whole batch while a small tenant waits behind a flood
+        SELECT cand.tenant_id, cand.shard_id, cand.workflow_id FROM cand
+         WHERE cand.rn <= p_per_tenant
+           AND cand.shard_id NOT IN (SELECT x.shard_id FROM crowded x)
+         ORDER BY cand.priority DESC, cand.ready_at
+         -- kept: up to half the batch, the cap of one tenant plus one more per
+         -- crowded shard (the flood's share and at least one other tenant's)
+         LIMIT greatest(0, p_limit - least(ceil(p_limit / 2.0)::int,
+                                          (p_per_tenant + 1)
+                                          * (SELECT count(*) FROM crowded)::int))
     ), claimed AS (
         UPDATE shardflow.workflows w
            SET status = 'running', owner = p_worker, fence = w.fence + 1,
@@ -226,7 +235,9 @@ BEGIN
                   extract(epoch FROM w.deadline_at - v_now)::float8 AS remaining,
                   -- no checkpoints yet (a first run, not a fork or a resume): the
                   -- worker need not read any
-                  NOT EXISTS (SELECT 1 FROM shardflow.steps s
+                  -- (a first claim: a row handed back and claimed again meanwhile has
+                  -- more attempts, and may have checkpoints this snapshot cannot see)
+                  w.attempts = 1 AND NOT EXISTS (SELECT 1 FROM shardflow.steps s
                                WHERE s.tenant_id = w.tenant_id
                                  AND s.workflow_id = w.workflow_id
                                  AND s.shard_id = w.shard_id) AS fresh
