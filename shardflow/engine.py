@@ -45,6 +45,7 @@ from .routing import ShardMap, validate_tenant
 from .serde import dump_args, dumps, loads
 
 P = ParamSpec("P")
+W = TypeVar("W")
 R = TypeVar("R")
 
 TERMINAL = ("succeeded", "failed", "cancelled", "dead")
@@ -301,13 +302,41 @@ class Engine:
     def group_commit(self, node: Node) -> GroupCommit | None:
         """The checkpoint writer of ``node`` (see shardflow/batcher.py), or None when
         every write goes on its own (``EngineConfig.group_commit`` off, or Citus)."""
+        return self._writer(self._group, node, lambda: GroupCommit(
+            self.driver, node, max_batch=self.config.group_commit_max))
+
+    def tx_batcher(self, node: Node) -> TxBatcher | None:
+        """Transaction steps on ``node`` run in groups (see TxBatcher), unless group
+        commit is off or on Citus."""
+        return self._writer(self._tx, node, lambda: TxBatcher(
+            self.driver, node, max_batch=self.config.tx_group_max))
+
+    def _start_queue(self, reg: _Registered, queue: str | None, priority: int) -> str:
+        """The queue a start of ``reg`` goes to, checked with its priority."""
+        if not isinstance(priority, int):
+            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        q = queue or reg.queue
+        if q not in self._known_queues:
+            raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
+                                  f"with engine.queue({q!r}) (known: {sorted(self._known_queues)})")
+        return q
+
+    def _start_batcher(self, node: Node) -> StartBatcher | None:
+        """Concurrent starts on ``node`` go in one statement (group commit), unless it
+        is off or on Citus."""
+        return self._writer(self._starts, node, lambda: StartBatcher(
+            self.driver, node, max_batch=self.config.group_commit_max,
+            notify=self.config.notify))
+
+    def _writer(self, cache: dict[str, W], node: Node, make: Callable[[], W]) -> W | None:
+        """``node``'s writer in ``cache``, made on first use; None when group commit is
+        off or on Citus (each write then goes on its own)."""
         if not self.config.group_commit or self.citus:
             return None
-        gc = self._group.get(node.name)
-        if gc is None:
-            gc = self._group[node.name] = GroupCommit(
-                self.driver, node, max_batch=self.config.group_commit_max)
-        return gc
+        w = cache.get(node.name)
+        if w is None:
+            w = cache[node.name] = make()
+        return w
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -625,14 +654,9 @@ class Engine:
             raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if not isinstance(delay, int | float) or delay < 0:
             raise InvalidArgument(f"delay must be a number of seconds >= 0, got {delay!r}")
-        if not isinstance(priority, int):
-            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        q = self._start_queue(reg, queue, priority)
         inputs = dump_args(args, kwargs, workflow=reg.name,
                            max_bytes=self.config.max_payload_bytes)
-        q = queue or reg.queue
-        if q not in self._known_queues:
-            raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
-                                  f"with engine.queue({q!r}) (known: {sorted(self._known_queues)})")
         if ctx is not None:
             child_id = await ctx.start_child(reg.name, inputs, workflow_id, q, priority, timeout)
             return WorkflowHandle(self, tenant_id, child_id)
@@ -672,29 +696,6 @@ class Engine:
             self.wake_workers(shard)
         return WorkflowHandle(self, tenant_id, wf_id)
 
-    def tx_batcher(self, node: Node) -> TxBatcher | None:
-        """Transaction steps on ``node`` run in groups (see TxBatcher), unless group
-        commit is off or on Citus."""
-        if not self.config.group_commit or self.citus:
-            return None
-        tb = self._tx.get(node.name)
-        if tb is None:
-            tb = self._tx[node.name] = TxBatcher(self.driver, node,
-                                                 max_batch=self.config.tx_group_max)
-        return tb
-
-    def _start_batcher(self, node: Node) -> StartBatcher | None:
-        """Concurrent starts on ``node`` go in one statement (group commit), unless it
-        is off or on Citus."""
-        if not self.config.group_commit or self.citus:
-            return None
-        sb = self._starts.get(node.name)
-        if sb is None:
-            sb = self._starts[node.name] = StartBatcher(
-                self.driver, node, max_batch=self.config.group_commit_max,
-                notify=self.config.notify)
-        return sb
-
     async def start_many(self, workflow: Callable[..., Any] | str, starts: Iterable[Start],
                          *, queue: str | None = None, priority: int = 0,
                          chunk: int = 2000) -> list[WorkflowHandle]:
@@ -708,17 +709,12 @@ class Engine:
             raise InvalidArgument("start_many cannot be called inside a workflow: start "
                                   "children one by one with engine.start")
         reg = self._resolve(workflow)
-        if not isinstance(priority, int):
-            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        q = self._start_queue(reg, queue, priority)
         if not isinstance(chunk, int) or chunk < 1:
             raise InvalidArgument(f"chunk must be an int >= 1, got {chunk!r}")
-        q = queue or reg.queue
-        if q not in self._known_queues:
-            raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
-                                  f"with engine.queue({q!r}) (known: {sorted(self._known_queues)})")
         max_attempts = reg.max_attempts or self.config.max_attempts
         handles: list[WorkflowHandle] = []
-        per_node: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
+        per_node: dict[str, list[tuple[Any, ...]]] = {}
         for i, st in enumerate(starts):
             if not isinstance(st, Start):
                 raise InvalidArgument(f"starts[{i}] must be a shardflow.Start, got "
@@ -735,16 +731,16 @@ class Engine:
             wf_id = st.workflow_id or str(uuid.uuid4())
             shard = self.shard_map.shard(tenant_id)
             node = self.driver.node_for_shard(shard)
-            per_node.setdefault(node.name, []).append((i, (
+            per_node.setdefault(node.name, []).append((
                 tenant_id, shard, wf_id, reg.name, q, priority, inputs, max_attempts, None,
-                0.0)))
+                0.0))
             handles.append(WorkflowHandle(self, tenant_id, wf_id))
 
-        async def write(name: str, rows: list[tuple[int, tuple[Any, ...]]]) -> None:
+        async def write(name: str, rows: list[tuple[Any, ...]]) -> None:
             node = self.driver.nodes[name]
             for k in range(0, len(rows), chunk):
-                part = [r for _, r in rows[k:k + chunk]]
-                inserted = await insert_rows(self.driver, node, part, self.config.notify)
+                inserted = await insert_rows(self.driver, node, rows[k:k + chunk],
+                                             self.config.notify)
                 self.metrics["started"] += len(inserted)
 
         await asyncio.gather(*(write(n, rows) for n, rows in per_node.items()))
