@@ -244,3 +244,61 @@ async def test_a_value_postgres_refuses_fails_only_its_own_workflow(db: PerTestD
             assert isinstance(out, shardflow.WorkflowFailed) and "NUL" in str(out), out
         else:
             assert out == f"ok{i}", out
+
+
+def test_claims_and_finishes_planned_on_an_empty_queue_never_scan(db: PerTestDB) -> None:
+    """The hot statements' plans are made once per connection. Plans made while the
+    statistics said "no pending rows" (a quiet node after a VACUUM) must still reach
+    each row directly when a backlog arrives: before migration 0013 the claim's UPDATE
+    read every pending row of the node per call (an index scan of the ready index) and
+    the finish UPDATE every running row. Checked in the plans Postgres ran
+    (auto_explain), on one connection that keeps its cached plans throughout."""
+    node = db.spec.nodes[0].name
+    smap = db.spec.shard_map
+    shards = smap.shards_of(node)
+    plans: list[str] = []
+    with db.connect(node) as admin, db.connect(node) as conn:
+        admin.execute("VACUUM ANALYZE shardflow.workflows, shardflow.steps")
+        conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        for setting in ("SET auto_explain.log_min_duration = 0",
+                        "SET auto_explain.log_nested_statements = on",
+                        "SET auto_explain.log_analyze = on",
+                        "SET auto_explain.log_timing = off",
+                        "SET client_min_messages = log"):
+            conn.execute(setting)
+        conn.execute("LOAD 'auto_explain'")
+        claim = ("SELECT tenant_id, shard_id, workflow_id, fence "
+                 "FROM shardflow.claim_fast(%s::int[], %s::text[], %s, %s, %s, %s)")
+        # plans made now, on an empty queue (more than five calls: past the point
+        # where a cached plan turns generic)
+        for _ in range(6):
+            assert conn.execute(claim, (shards, ["w"], "me", 10, 5, 0)).fetchall() == []
+        tenants = [t for t in (f"bl-{i}" for i in range(20_000))
+                   if smap.node_of_shard(smap.shard(t)) == node][:500]
+        admin.execute(
+            "INSERT INTO shardflow.workflows (tenant_id, shard_id, workflow_id, name, inputs)"
+            " SELECT t, shardflow.shard_of(t, %s), 'w' || g, 'w', '{}'"
+            " FROM unnest(%s::text[]) AS t, generate_series(1, 6) AS g",
+            (smap.shard_count, tenants))
+        plans.clear()
+        rows = conn.execute(claim, (shards, ["w"], "me", 10, 5, 0)).fetchall()
+        assert len(rows) == 10
+        update = [p for p in plans if "Update on workflows" in p]
+        assert len(update) == 1, plans
+        assert "Tid Scan" in update[0] and "Index Scan" not in update[0], update[0]
+
+        # finish them: one checkpoint batch of ten "workflow finished" rows
+        plans.clear()
+        t, sh, wf, fe = (list(c) for c in zip(*rows, strict=True))
+        done = conn.execute(
+            "SELECT op, idx FROM shardflow.checkpoint_batch("
+            "'{}','{}','{}','{}','{}','{}', '{}','{}','{}','{}','{}','{}','{}','{}','{}',"
+            "'{}','{}', %s::text[], %s::int[], %s::text[], %s::bigint[], %s::text[],"
+            " %s::text[], %s::text[])",
+            (t, sh, wf, fe, ["succeeded"] * 10, ["1"] * 10, [None] * 10)).fetchall()
+        assert sorted(done) == [(3, i) for i in range(1, 11)]
+        update = [p for p in plans if "Update on workflows" in p]
+        assert len(update) == 1, plans
+        assert "Tid Scan" in update[0] and "Index Scan" not in update[0], update[0]
+        assert admin.execute("SELECT count(*) FROM shardflow.workflows "
+                             "WHERE status = 'succeeded' AND output = '1'").fetchone() == (10,)

@@ -61,15 +61,28 @@ BEGIN
                           AND ok.sq = ins.seq AND ok.sh = ins.shard_id;
     END IF;
     IF cardinality(wf_tenant) > 0 THEN
+        -- each row found by its key (a probe per row: the lateral subquery cannot be
+        -- flattened into a join the planner could turn into a scan), then updated by
+        -- its TID (update_finished)
         RETURN QUERY
-        UPDATE shardflow.workflows w
-           SET status = i.st, output = i.o::jsonb, error = i.e::jsonb, finished_at = now(),
-               updated_at = now(), owner = NULL
-          FROM unnest(wf_tenant, wf_shard, wf_wf, wf_fence, wf_status, wf_output, wf_error)
-               WITH ORDINALITY AS i(t, sh, wf, fe, st, o, e, ix)
-         WHERE w.tenant_id = i.t AND w.workflow_id = i.wf AND w.shard_id = i.sh
-           AND w.fence = i.fe AND w.status = 'running'
-        RETURNING 3, i.ix::int, 1;
+        WITH x AS MATERIALIZED (
+            SELECT i.*, l.tid
+              FROM unnest(wf_tenant, wf_shard, wf_wf, wf_fence, wf_status, wf_output,
+                          wf_error) WITH ORDINALITY AS i(t, sh, wf, fe, st, o, e, ix),
+                   LATERAL (SELECT w.ctid AS tid FROM shardflow.workflows w
+                             WHERE w.tenant_id = i.t AND w.workflow_id = i.wf
+                               AND w.shard_id = i.sh AND w.fence = i.fe
+                               AND w.status = 'running'
+                            OFFSET 0) AS l
+        )
+        SELECT 3, u.idx, 1
+          FROM (SELECT array_agg(x.t) AS t, array_agg(x.sh) AS sh, array_agg(x.wf) AS wf,
+                       array_agg(x.fe) AS fe, array_agg(x.tid) AS tid,
+                       array_agg(x.st) AS st, array_agg(x.o) AS o, array_agg(x.e) AS e,
+                       array_agg(x.ix::int) AS ix
+                  FROM x) AS a,
+               LATERAL shardflow.update_finished(a.t, a.sh, a.wf, a.fe, a.tid, a.st, a.o,
+                                                 a.e, a.ix) AS u;
     END IF;
 END
 $$;
@@ -190,12 +203,12 @@ DECLARE
 BEGIN
     RETURN QUERY
     WITH cand AS MATERIALIZED (
-        SELECT c.tenant_id, c.shard_id, c.workflow_id, c.priority, c.ready_at,
+        SELECT c.tenant_id, c.shard_id, c.workflow_id, c.priority, c.ready_at, c.tid,
                row_number() OVER (PARTITION BY c.tenant_id
                                   ORDER BY c.priority DESC, c.ready_at) AS rn
           FROM unnest(p_shards) AS s(sh),
                LATERAL (SELECT w.tenant_id, w.shard_id, w.workflow_id, w.priority,
-                               w.ready_at
+                               w.ready_at, w.ctid AS tid
                           FROM shardflow.workflows w
                          WHERE w.shard_id = s.sh AND w.status = 'pending'
                            AND w.queue = p_queue AND w.ready_at <= v_now
@@ -208,7 +221,7 @@ BEGIN
         -- crowded shards are left to the fair claim, with part of the batch kept for
         -- it (the caller runs it for what this leaves), so a busy rest of the node
         -- cannot take the whole batch while a small tenant waits behind a flood
-        SELECT cand.tenant_id, cand.shard_id, cand.workflow_id FROM cand
+        SELECT cand.tenant_id, cand.shard_id, cand.workflow_id, cand.tid FROM cand
          WHERE cand.rn <= p_per_tenant
            AND cand.shard_id NOT IN (SELECT x.shard_id FROM crowded x)
          ORDER BY cand.priority DESC, cand.ready_at
@@ -218,29 +231,26 @@ BEGIN
                                           (p_per_tenant + 1)
                                           * (SELECT count(*) FROM crowded)::int))
     ), claimed AS (
-        UPDATE shardflow.workflows w
-           SET status = 'running', owner = p_worker, fence = w.fence + 1,
-               attempts = w.attempts + 1, started_at = coalesce(w.started_at, v_now),
-               updated_at = v_now, reason = NULL
-          FROM picked p
-         WHERE w.tenant_id = p.tenant_id AND w.workflow_id = p.workflow_id
-           AND w.shard_id = p.shard_id
-           -- candidates were read without locks (locking every one would write to
-           -- rows we do not take); the UPDATE re-checks the status of each row it
-           -- takes after any concurrent change (a recoverer, another claimer in a
-           -- shard handover), so a row is never claimed twice
-           AND w.status = 'pending'
-        RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
-                  w.attempts, w.max_attempts,
-                  extract(epoch FROM w.deadline_at - v_now)::float8 AS remaining,
-                  -- no checkpoints yet (a first run, not a fork or a resume): the
-                  -- worker need not read any
-                  -- (a first claim: a row handed back and claimed again meanwhile has
-                  -- more attempts, and may have checkpoints this snapshot cannot see)
-                  w.attempts = 1 AND NOT EXISTS (SELECT 1 FROM shardflow.steps s
-                               WHERE s.tenant_id = w.tenant_id
-                                 AND s.workflow_id = w.workflow_id
-                                 AND s.shard_id = w.shard_id) AS fresh
+        -- by TID (update_claimed): the candidates were read without locks (locking
+        -- every one would write to rows we do not take); the UPDATE re-checks the
+        -- status of each row it takes after any concurrent change (a recoverer,
+        -- another claimer in a shard handover), so a row is never claimed twice, and
+        -- a row changed since it was read (a new version, a new TID) is left for the
+        -- next claim
+        SELECT u.*,
+               -- no checkpoints yet (a first run, not a fork or a resume): the worker
+               -- need not read any (a first claim: a row handed back and claimed again
+               -- meanwhile has more attempts, and may have checkpoints this snapshot
+               -- cannot see)
+               u.attempts = 1 AND NOT EXISTS (SELECT 1 FROM shardflow.steps s
+                                               WHERE s.tenant_id = u.tenant_id
+                                                 AND s.workflow_id = u.workflow_id
+                                                 AND s.shard_id = u.shard_id) AS fresh
+          FROM (SELECT array_agg(p.tenant_id) AS t, array_agg(p.shard_id) AS sh,
+                       array_agg(p.workflow_id) AS wf, array_agg(p.tid) AS tid
+                  FROM picked p) AS a,
+               LATERAL shardflow.update_claimed(a.t, a.sh, a.wf, a.tid, p_worker,
+                                                v_now) AS u
     )
     SELECT c.*, false FROM claimed c
     UNION ALL
@@ -585,6 +595,56 @@ BEGIN
                             AND w.shard_id = i.sh AND w.fence = i.fe
                             AND w.status = 'running'
                             FOR SHARE) AS l ON true;
+END
+$$;
+CREATE FUNCTION shardflow.update_claimed(p_tenant text[], p_shard integer[], p_wf text[], p_tid tid[], p_worker text, p_now timestamp with time zone) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    SET jit TO 'off'
+    SET enable_seqscan TO 'off'
+    SET enable_indexscan TO 'off'
+    SET enable_indexonlyscan TO 'off'
+    SET enable_bitmapscan TO 'off'
+    SET enable_hashjoin TO 'off'
+    SET enable_mergejoin TO 'off'
+    SET enable_material TO 'off'
+    AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE shardflow.workflows w
+       SET status = 'running', owner = p_worker, fence = w.fence + 1,
+           attempts = w.attempts + 1, started_at = coalesce(w.started_at, p_now),
+           updated_at = p_now, reason = NULL
+      FROM unnest(p_tenant, p_shard, p_wf, p_tid) AS p(t, sh, wf, tid)
+     WHERE w.ctid = p.tid AND w.shard_id = p.sh AND w.tenant_id = p.t
+       AND w.workflow_id = p.wf AND w.status = 'pending'
+    RETURNING w.tenant_id, w.shard_id, w.workflow_id, w.name, w.inputs, w.fence,
+              w.attempts, w.max_attempts,
+              extract(epoch FROM w.deadline_at - p_now)::float8;
+END
+$$;
+CREATE FUNCTION shardflow.update_finished(p_tenant text[], p_shard integer[], p_wf text[], p_fence bigint[], p_tid tid[], p_status text[], p_output text[], p_error text[], p_idx integer[]) RETURNS TABLE(idx integer)
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    SET jit TO 'off'
+    SET enable_seqscan TO 'off'
+    SET enable_indexscan TO 'off'
+    SET enable_indexonlyscan TO 'off'
+    SET enable_bitmapscan TO 'off'
+    SET enable_hashjoin TO 'off'
+    SET enable_mergejoin TO 'off'
+    SET enable_material TO 'off'
+    AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE shardflow.workflows w
+       SET status = i.st, output = i.o::jsonb, error = i.e::jsonb, finished_at = now(),
+           updated_at = now(), owner = NULL
+      FROM unnest(p_tenant, p_shard, p_wf, p_fence, p_tid, p_status, p_output, p_error,
+                  p_idx) AS i(t, sh, wf, fe, tid, st, o, e, ix)
+     WHERE w.ctid = i.tid AND w.shard_id = i.sh AND w.tenant_id = i.t
+       AND w.workflow_id = i.wf AND w.fence = i.fe AND w.status = 'running'
+    RETURNING i.ix;
 END
 $$;
 CREATE TABLE shardflow.events (
