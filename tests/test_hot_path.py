@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import pytest
 
@@ -246,13 +247,20 @@ async def test_a_value_postgres_refuses_fails_only_its_own_workflow(db: PerTestD
             assert out == f"ok{i}", out
 
 
-def test_claims_and_finishes_planned_on_an_empty_queue_never_scan(db: PerTestDB) -> None:
+def _most_rows(plans: list[str]) -> int:
+    """The largest row count of any node of the plans Postgres ran (auto_explain)."""
+    return max((int(n) for p in plans for n in re.findall(r"actual rows=(\d+)", p)),
+               default=0)
+
+
+def test_hot_statements_planned_on_an_empty_node_never_scan(db: PerTestDB) -> None:
     """The hot statements' plans are made once per connection. Plans made while the
-    statistics said "no pending rows" (a quiet node after a VACUUM) must still reach
-    each row directly when a backlog arrives: before migration 0013 the claim's UPDATE
-    read every pending row of the node per call (an index scan of the ready index) and
-    the finish UPDATE every running row. Checked in the plans Postgres ran
-    (auto_explain), on one connection that keeps its cached plans throughout."""
+    statistics said "nothing here" (a quiet node after a VACUUM) must still reach each
+    row directly when a backlog and checkpoints arrive. Before migration 0013 the
+    claim's UPDATE read every pending row of the node per call, its "has checkpoints"
+    test every step row (a hashed subplan), tx_lock's too, and the finish UPDATE every
+    running row. Checked in the plans Postgres ran (auto_explain, row counts of every
+    plan node), on one connection that keeps its cached plans throughout."""
     node = db.spec.nodes[0].name
     smap = db.spec.shard_map
     shards = smap.shards_of(node)
@@ -267,29 +275,43 @@ def test_claims_and_finishes_planned_on_an_empty_queue_never_scan(db: PerTestDB)
                         "SET client_min_messages = log"):
             conn.execute(setting)
         conn.execute("LOAD 'auto_explain'")
-        claim = ("SELECT tenant_id, shard_id, workflow_id, fence "
+        claim = ("SELECT tenant_id, shard_id, workflow_id, fence, fresh "
                  "FROM shardflow.claim_fast(%s::int[], %s::text[], %s, %s, %s, %s)")
-        # plans made now, on an empty queue (more than five calls: past the point
+        tx_lock = "SELECT idx, owned, recorded FROM shardflow.tx_lock(%s, %s, %s, %s, %s)"
+        # plans made now, on an empty node (more than five calls: past the point
         # where a cached plan turns generic)
         for _ in range(6):
             assert conn.execute(claim, (shards, ["w"], "me", 10, 5, 0)).fetchall() == []
+            assert conn.execute(tx_lock, (["x"], [shards[0]], ["x"], [1], [1])
+                                ).fetchall() == [(1, False, False)]
         tenants = [t for t in (f"bl-{i}" for i in range(20_000))
                    if smap.node_of_shard(smap.shard(t)) == node][:500]
+        # 3,000 pending workflows, 15,000 checkpoints of other (finished) workflows
         admin.execute(
             "INSERT INTO shardflow.workflows (tenant_id, shard_id, workflow_id, name, inputs)"
             " SELECT t, shardflow.shard_of(t, %s), 'w' || g, 'w', '{}'"
             " FROM unnest(%s::text[]) AS t, generate_series(1, 6) AS g",
             (smap.shard_count, tenants))
+        admin.execute(
+            "INSERT INTO shardflow.steps (tenant_id, shard_id, workflow_id, seq, name, kind,"
+            " status) SELECT tenant_id, shard_id, 'old-' || workflow_id, g, 's', 'step',"
+            " 'done' FROM shardflow.workflows, generate_series(1, 5) AS g")
         plans.clear()
         rows = conn.execute(claim, (shards, ["w"], "me", 10, 5, 0)).fetchall()
-        assert len(rows) == 10
+        assert len(rows) == 10 and all(r[4] for r in rows)
         update = [p for p in plans if "Update on workflows" in p]
         assert len(update) == 1, plans
         assert "Tid Scan" in update[0] and "Index Scan" not in update[0], update[0]
+        assert _most_rows(plans) < 1000, plans
+
+        t, sh, wf, fe, _ = (list(c) for c in zip(*rows, strict=True))
+        plans.clear()
+        locked = conn.execute(tx_lock, (t, sh, wf, fe, [1] * 10)).fetchall()
+        assert sorted(locked) == [(i, True, False) for i in range(1, 11)]
+        assert _most_rows(plans) < 1000, plans
 
         # finish them: one checkpoint batch of ten "workflow finished" rows
         plans.clear()
-        t, sh, wf, fe = (list(c) for c in zip(*rows, strict=True))
         done = conn.execute(
             "SELECT op, idx FROM shardflow.checkpoint_batch("
             "'{}','{}','{}','{}','{}','{}', '{}','{}','{}','{}','{}','{}','{}','{}','{}',"
@@ -300,5 +322,6 @@ def test_claims_and_finishes_planned_on_an_empty_queue_never_scan(db: PerTestDB)
         update = [p for p in plans if "Update on workflows" in p]
         assert len(update) == 1, plans
         assert "Tid Scan" in update[0] and "Index Scan" not in update[0], update[0]
+        assert _most_rows(plans) < 1000, plans
         assert admin.execute("SELECT count(*) FROM shardflow.workflows "
                              "WHERE status = 'succeeded' AND output = '1'").fetchone() == (10,)

@@ -144,15 +144,19 @@ BEGIN
                -- need not read any (a first claim: a row handed back and claimed again
                -- meanwhile has more attempts, and may have checkpoints this snapshot
                -- cannot see)
-               u.attempts = 1 AND NOT EXISTS (SELECT 1 FROM shardflow.steps s
-                                               WHERE s.tenant_id = u.tenant_id
-                                                 AND s.workflow_id = u.workflow_id
-                                                 AND s.shard_id = u.shard_id) AS fresh
+               u.attempts = 1 AND st.one IS NULL AS fresh
           FROM (SELECT array_agg(p.tenant_id) AS t, array_agg(p.shard_id) AS sh,
                        array_agg(p.workflow_id) AS wf, array_agg(p.tid) AS tid
-                  FROM picked p) AS a,
-               LATERAL shardflow.update_claimed(a.t, a.sh, a.wf, a.tid, p_worker,
-                                                v_now) AS u
+                  FROM picked p) AS a
+         CROSS JOIN LATERAL shardflow.update_claimed(a.t, a.sh, a.wf, a.tid, p_worker,
+                                                     v_now) AS u
+          -- a probe per row; NOT EXISTS became a hashed subplan that read every step
+          -- row of the node per claim when planned on small statistics
+          LEFT JOIN LATERAL (SELECT 1 AS one FROM shardflow.steps s
+                              WHERE s.tenant_id = u.tenant_id
+                                AND s.workflow_id = u.workflow_id
+                                AND s.shard_id = u.shard_id
+                              LIMIT 1) AS st ON true
     )
     SELECT c.*, false FROM claimed c
     UNION ALL
@@ -256,5 +260,32 @@ BEGIN
                LATERAL shardflow.update_finished(a.t, a.sh, a.wf, a.fe, a.tid, a.st, a.o,
                                                  a.e, a.ix) AS u;
     END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION shardflow.tx_lock(
+    p_tenant text[], p_shard int[], p_wf text[], p_fence bigint[], p_seq int[])
+RETURNS TABLE (idx int, owned boolean, recorded boolean)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+SET jit = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT i.ix::int, l.ok IS NOT NULL, r.one IS NOT NULL
+      FROM unnest(p_tenant, p_shard, p_wf, p_fence, p_seq)
+           WITH ORDINALITY AS i(t, sh, wf, fe, sq, ix)
+      LEFT JOIN LATERAL (SELECT 1 AS ok FROM shardflow.workflows w
+                          WHERE w.tenant_id = i.t AND w.workflow_id = i.wf
+                            AND w.shard_id = i.sh AND w.fence = i.fe
+                            AND w.status = 'running'
+                            FOR SHARE) AS l ON true
+      LEFT JOIN LATERAL (SELECT 1 AS one FROM shardflow.steps s
+                          WHERE s.tenant_id = i.t AND s.workflow_id = i.wf
+                            AND s.shard_id = i.sh AND s.seq = i.sq
+                          LIMIT 1) AS r ON true;
 END
 $$;
