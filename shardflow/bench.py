@@ -70,7 +70,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from . import __version__, clusterfile
+from . import __version__, clusterfile, loop
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig
 from .errors import ShardflowError
@@ -1292,7 +1292,7 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
         _set_retention(nodes, opts.retention)
     procs = _start_workers(opts, report_dir)
     try:
-        res = asyncio.run(_run_async(opts, spec, procs, run_id, console, report_dir, fault))
+        res = loop.run(_run_async(opts, spec, procs, run_id, console, report_dir, fault))
     finally:
         if opts.retention is not None:
             _set_retention(nodes, None)
@@ -1363,7 +1363,9 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
                       "workflows": opts.workflows, "skew": opts.skew,
                       "zipf_s": opts.zipf_s if opts.skew == "zipf" else None,
                       "payload_bytes": opts.payload_bytes, "step_ms": opts.step_ms,
-                      "worker_processes": opts.worker_processes, "seed": opts.seed},
+                      "worker_processes": opts.worker_processes, "seed": opts.seed,
+                      # the workers' and the load generator's (shardflow.loop)
+                      "event_loop": loop.loop_name()},
         },
         "backlog": opts.backlog,
         # every completion between the run's first start and last completion, the

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+from . import loop
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def serve_one(target: str, metrics_port: int | None = None) -> int:
     engine = load_engine(target)
     if metrics_port is not None:
         engine.serve_metrics(metrics_port)
-    asyncio.run(_serve(engine))
+    loop.run(_serve(engine))
     return 0
 
 

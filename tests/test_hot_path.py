@@ -325,3 +325,23 @@ def test_hot_statements_planned_on_an_empty_node_never_scan(db: PerTestDB) -> No
         assert _most_rows(plans) < 1000, plans
         assert admin.execute("SELECT count(*) FROM shardflow.workflows "
                              "WHERE status = 'succeeded' AND output = '1'").fetchone() == (10,)
+
+
+def test_the_event_loop_is_chosen_by_shardflow_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers and the bench run on uvloop when it is installed, asyncio's loop on
+    request, and a wrong SHARDFLOW_LOOP is refused with a message naming it."""
+    from shardflow import loop
+    from shardflow.errors import ConfigError
+
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    monkeypatch.setenv("SHARDFLOW_LOOP", "uvloop")
+    assert loop.run(which()).startswith("uvloop")
+    assert loop.loop_name() == "uvloop"
+    monkeypatch.setenv("SHARDFLOW_LOOP", "asyncio")
+    assert loop.run(which()).startswith("asyncio")
+    assert loop.loop_name() == "asyncio"
+    monkeypatch.setenv("SHARDFLOW_LOOP", "tokio")
+    with pytest.raises(ConfigError, match=r"SHARDFLOW_LOOP.*'tokio'"):
+        loop.run(which())
