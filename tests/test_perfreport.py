@@ -114,6 +114,22 @@ def test_bad_perfreport_input_is_one_line_and_exit_2(
     assert not (bench_dir / "out").exists()
 
 
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--shards", "4,x"], "--shards must be comma-separated integers, got '4,x'"),
+    (["--shards", "2,16"], "every count must be >= --nodes (4)"),
+    (["--shards", "16", "--workflows", "0"], "must be positive"),
+])
+def test_bad_shardsweep_input_is_one_line_and_exit_2(
+        argv: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.shardsweep import main as shardsweep_main
+
+    assert shardsweep_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()  # no cluster started, nothing written
+
 def _run(name: str, offered: float, done: float, p99: float) -> Run:
     summary = {"workflows_per_sec": done, "latency_ms": {"p99": p99},
                "settings": {"bench": {"rate": offered}}}
