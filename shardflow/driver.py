@@ -139,14 +139,26 @@ class Driver:
     async def open(self) -> None:
         await asyncio.gather(*(self._open_node(n) for n in self.nodes.values()))
 
-    async def _create_pool(self, node: Node, size: int) -> asyncpg.Pool:
+    async def _create_pool(self, node: Node, size: int, *, user_code: bool = False
+                           ) -> asyncpg.Pool:
+        # short OLTP statements: compiling them costs more than it saves
+        settings = {"jit": "off"}
+        if not user_code:
+            # shardflow's own statements are planned for their values, every time: a
+            # cached generic plan is made once, from the statistics of that moment, and
+            # one made while a partition looked empty (a quiet node after a VACUUM)
+            # reads the whole partition per call once it has filled up (a planner
+            # audit found this for most key lookups). A custom plan prunes to the one
+            # partition at plan time and sees its current size. The hot statements
+            # are functions that choose their own plans (migrations 0008-0013). The
+            # lane where users' transaction steps run keeps Postgres's default.
+            settings["plan_cache_mode"] = "force_custom_plan"
         # min_size 0: a pool keeping a minimum reconnects in the background, which
         # during a failover only fills the log with its failures
         return await asyncpg.create_pool(
             node.spec.dsn, min_size=0, max_size=size,
             max_inactive_connection_lifetime=60, reset=_keep_session,
-            # short OLTP statements: compiling them costs more than it saves
-            server_settings={"jit": "off"},
+            server_settings=settings,
         )
 
     async def _open_node(self, node: Node) -> None:
@@ -218,7 +230,8 @@ class Driver:
         self.pool(node)  # refuses when the engine is closed
         pool = node.lanes.get(lane)
         if pool is None:
-            pool = node.lanes[lane] = await self._create_pool(node, 1)
+            pool = node.lanes[lane] = await self._create_pool(
+                node, 1, user_code=lane == "transactions")
         return pool
 
     async def fetchrow(self, node: Node, query: str, *args: Any,

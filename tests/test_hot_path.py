@@ -345,3 +345,19 @@ def test_the_event_loop_is_chosen_by_shardflow_loop(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SHARDFLOW_LOOP", "tokio")
     with pytest.raises(ConfigError, match=r"SHARDFLOW_LOOP.*'tokio'"):
         loop.run(which())
+
+
+async def test_shardflow_statements_are_planned_for_their_values(db: PerTestDB) -> None:
+    """shardflow's own connections plan every statement for its values (a generic plan
+    cached while a partition looked empty would scan it once it has filled up); the lane
+    where users' grouped transaction steps run keeps Postgres's default."""
+    eng = _engine(db, run_workers=False)
+    async with eng:
+        node = next(iter(eng.driver.nodes.values()))
+        async with eng.driver.pool(node).acquire() as conn:
+            assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+        for lane in ("claim", "checkpoints"):
+            pool = await eng.driver.lane(node, lane)
+            assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+        users = await eng.driver.lane(node, "transactions")
+        assert await users.fetchval("SHOW plan_cache_mode") == "auto"

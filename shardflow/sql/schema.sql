@@ -266,6 +266,9 @@ END
 $$;
 CREATE FUNCTION shardflow.claim_tables(p_tables text[], p_queues text[], p_budgets integer[], p_caps integer[], p_cap_per_queue boolean[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, queue text, slot integer)
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    SET enable_sort TO 'off'
+    SET enable_bitmapscan TO 'off'
     AS $_$
 #variable_conflict use_column
 DECLARE
@@ -503,6 +506,7 @@ END
 $_$;
 CREATE FUNCTION shardflow.queue_budgets(p_limit integer, p_tenant_cap integer) RETURNS TABLE(queue text, budget integer, tenant_cap integer, cap_per_queue boolean, rate_limited boolean, concurrency_limited boolean)
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
