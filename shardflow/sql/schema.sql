@@ -273,7 +273,11 @@ CREATE FUNCTION shardflow.claim_tables(p_tables text[], p_queues text[], p_budge
 #variable_conflict use_column
 DECLARE
     qi int;
+    k int;
     ti int;
+    n_tables int := coalesce(array_length(p_tables, 1), 0);
+    -- where this call starts in p_tables: a different table each time
+    first_table int := floor(random() * greatest(n_tables, 1))::int;
     tbl text;
     t text;
     start_key text;
@@ -288,8 +292,9 @@ BEGIN
         EXIT WHEN got >= p_limit;
         budget := least(p_budgets[qi], p_limit - got);
         n := got;
-        FOR ti IN 1 .. coalesce(array_length(p_tables, 1), 0) LOOP
+        FOR k IN 0 .. n_tables - 1 LOOP
             EXIT WHEN got - n >= budget;
+            ti := (first_table + k) % n_tables + 1;
             tbl := p_tables[ti];
             -- a shard that just moved away (a stale map or placement list of the
             -- caller) has no table here
