@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -315,8 +316,8 @@ class Worker:
                 self._claims_inflight -= 1
             if failed:
                 await asyncio.sleep(self.cfg.poll_interval)
-            # shards that gave work may have more (a claim takes at most per_tenant_batch
-            # from each tenant); shards that gave none wait for a notify or the next sweep
+            # shards that may have more (see _may_have_more) are claimed from again at
+            # once; the others wait for a notify or the next sweep
             hot.update(gave)
             if not hot:
                 wake.clear()
@@ -327,12 +328,12 @@ class Worker:
 
     async def _claim(self, target: _Target, units: list[int], names: list[str], limit: int,
                      cap: int) -> tuple[list[Any], set[int]]:
-        """Claim on ``target``: the rows, and the units that gave some."""
+        """Claim on ``target``: the rows, and the units that may have more."""
         driver = self.engine.driver
         if not self.engine.citus:
             rows = await driver.claim(target.node, units, names, self.worker_id, limit,
                                       self.cfg.per_tenant_batch, cap)
-            return rows, {r["shard_id"] for r in rows}
+            return rows, _may_have_more(rows, limit, self.cfg.per_tenant_batch)
         # Citus: budgets from the coordinator (the queue tables live there), the claim
         # on the Citus worker's placements themselves (FOR UPDATE SKIP LOCKED on plain
         # tables), then the rate-limit tokens back on the coordinator.
@@ -753,3 +754,17 @@ class _HeartbeatThread(threading.Thread):
         finally:
             for conn in self._conns.values():
                 conn.close()
+
+
+def _may_have_more(rows: list[Any], limit: int, per_tenant: int) -> set[int]:
+    """The shards a claim may have left ready work in: every shard it took from when it
+    filled half its limit or more (a limit, a per-shard read or a crowded shard's
+    budget may have stopped it), else those it took a tenant's whole share or more
+    from. A claim that took a few rows, all under both caps, took all that was ready
+    there: claiming from those shards again at once (as every shard that gave anything
+    used to be) came back empty, one wasted claim per workflow at moderate load."""
+    shards = {r["shard_id"] for r in rows}
+    if 2 * len(rows) >= limit:
+        return shards
+    per = Counter(r["shard_id"] for r in rows)
+    return {shard for shard, n in per.items() if n >= per_tenant}

@@ -392,3 +392,18 @@ async def test_shardflow_statements_are_planned_for_their_values(db: PerTestDB) 
             assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
         users = await eng.driver.lane(node, "transactions")
         assert await users.fetchval("SHOW plan_cache_mode") == "auto"
+
+
+def test_a_claim_of_a_few_rows_does_not_claim_again_at_once() -> None:
+    """Shards a claim drained (a few rows, every tenant under its share) wait for a
+    notify; shards it may have stopped short in are claimed from again at once."""
+    from shardflow.executor import _may_have_more
+
+    def rows(*pairs: tuple[int, str]) -> list[dict[str, object]]:
+        return [{"shard_id": s, "tenant_id": t} for s, t in pairs]
+
+    assert _may_have_more(rows((1, "a"), (2, "b")), 64, 8) == set()
+    # a tenant's whole share from shard 3: it may have more there
+    assert _may_have_more(rows((1, "a"), *[(3, "t")] * 8), 64, 8) == {3}
+    # half the limit or more: every shard it took from
+    assert _may_have_more(rows(*[(s, f"t{s}") for s in range(32)]), 64, 8) == set(range(32))

@@ -128,6 +128,7 @@ END
 $$;
 CREATE FUNCTION shardflow.claim_fast(p_shards integer[], p_names text[], p_worker text, p_limit integer, p_per_tenant integer, p_tenant_cap integer) RETURNS TABLE(tenant_id text, shard_id integer, workflow_id text, name text, inputs jsonb, fence bigint, attempts integer, max_attempts integer, remaining double precision, fresh boolean)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 DECLARE
     b record;
@@ -415,6 +416,7 @@ END
 $$;
 CREATE FUNCTION shardflow.insert_workflows(p_tenant text[], p_shard integer[], p_id text[], p_name text[], p_queue text[], p_priority integer[], p_inputs text[], p_max_attempts integer[], p_timeout double precision[], p_delay double precision[], p_notify boolean) RETURNS TABLE(idx integer)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
