@@ -150,7 +150,7 @@ class Driver:
             # reads the whole partition per call once it has filled up (a planner
             # audit found this for most key lookups). A custom plan prunes to the one
             # partition at plan time and sees its current size. The hot statements
-            # are functions that choose their own plans (migrations 0008-0013). The
+            # are functions that choose their own plans (migrations 0008-0016). The
             # lane where users' transaction steps run keeps Postgres's default.
             settings["plan_cache_mode"] = "force_custom_plan"
         # min_size 0: a pool keeping a minimum reconnects in the background, which
