@@ -31,6 +31,8 @@ from typing import Any
 
 from rich.console import Console
 
+from shardflow.bench import pyplot
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -105,12 +107,11 @@ def run_one(a: argparse.Namespace, shards: int, console: Console) -> dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plot(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(a: argparse.Namespace, rows: list[dict[str, Any]]) -> bool:
+    """shards_per_node.png; False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
     per_node = [r["shards"] / a.nodes for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(per_node, [r["workflows_per_sec"] for r in rows], "o-", label="workflows/s")
@@ -135,9 +136,11 @@ def plot(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(a.out / "shards_per_node.png", dpi=120)
     plt.close(fig)
+    return True
 
 
-def write_report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: list[str]) -> None:
+def write_report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: list[str],
+                 plotted: bool) -> None:
     first = rows[0]
     lines = [
         "# Shards per node: what they cost",
@@ -147,7 +150,8 @@ def write_report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: list[s
         "above capacity, bounded by `--workflows`; throughput = completed / (first start "
         "to last completion)), the cluster taken down.",
         "",
-        "![throughput and cost vs shards per node](shards_per_node.png)",
+        "![throughput and cost vs shards per node](shards_per_node.png)" if plotted
+        else "(no plot: matplotlib is not installed)",
         "",
         "| shards | per node | workflows/s | Postgres CPU µs/wf | WAL B/wf | worker CPU µs/wf "
         "| p50 ms | p99 ms |",
@@ -187,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         console.print(f"[red]shardsweep: {exc}[/red]")
         return 1
-    plot(a, rows)
-    write_report(a, rows, raw)
+    write_report(a, rows, raw, plot(a, rows))
     console.print(f"report: {a.out / 'report.md'}")
     return 0
 

@@ -222,7 +222,6 @@ async def test_a_claim_over_many_shards_does_not_starve_a_tenant_behind_a_flood(
     assert len(rows) <= 32 and tenants.count(flood) <= 8
 
 
-
 async def test_crowded_shards_all_get_claims(db: PerTestDB) -> None:
     """Every shard of a node crowded by a flood (as under a large backlog): each claim's
     budget fits one flood's share, so the fair claim serves one shard per call, and it
