@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from .driver import DRIVER_ERRORS, Q
-from .errors import RetryableDatabaseError, ShardflowError, translate
+from .errors import DatabaseError, RetryableDatabaseError, ShardflowError, translate
 
 if TYPE_CHECKING:
     from .driver import Driver, Node
@@ -376,36 +376,88 @@ class TxBatcher:
             self.groups += 1
             self.steps += len(group)
             for op, outcome in zip(group, outcomes, strict=True):
-                if not op.future.done():
+                if op.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    op.future.set_exception(outcome)
+                else:
                     op.future.set_result(outcome)
 
-    async def _run_group(self, group: list[_TxOp]) -> list[TxOutcome]:
+    async def _run_group(self, group: list[_TxOp]) -> list[TxOutcome | BaseException]:
+        """Run the group; an outcome per step, or the error of the engine's own
+        statements for that step (a refused checkpoint, a lost connection).
+
+        First without savepoints (one round trip less per step). If a step raises, the
+        group is rolled back and run again, each step in a savepoint, that step reported
+        as failed (the others' writes are made again: a transaction step may run more
+        than once, its commit happens once). If something fails that no step raised —
+        a deferred constraint at COMMIT, a step that swallowed the error of one of its
+        statements and left the transaction aborted — the culprit is unknown: each
+        step then runs in a transaction of its own, so only the culprit fails, with
+        its own error, and the others commit. Before this, such an error failed the
+        whole group: every workflow in it was handed back and paid an attempt, the
+        culprit looped to 'dead' with its error lost.
+        """
         pool = await self.driver.lane(self.node, "transactions")
         failed: dict[int, BaseException] = {}
         async with pool.acquire() as conn:
-            # First without savepoints (one round trip less per step); if a step
-            # raises, the group is rolled back and run again, each step in a savepoint,
-            # that step reported as failed (the others' writes are made again: a
-            # transaction step may run more than once, its commit happens once).
-            # asyncpg's own transaction objects, so that a step's conn.transaction()
-            # nests (a savepoint) as it does when the step runs alone.
             for careful in (False, True):
                 tr = conn.transaction()
                 await tr.start()
                 try:
                     outcomes = await self._in_transaction(conn, group, careful, failed)
+                    await tr.commit()
+                    return list(outcomes)
                 except _StepFailed as sf:
                     failed[sf.index] = sf.error
                     await tr.rollback()
                     continue
-                except BaseException:
+                except BaseException as exc:
                     if not conn.is_closed():
                         with contextlib.suppress(*DRIVER_ERRORS):
                             await tr.rollback()
-                    raise
-                await tr.commit()
-                return outcomes
-        raise AssertionError("unreachable: the careful pass raises no _StepFailed")
+                    if _retryable(exc):
+                        raise  # the whole group again, by its callers (a lost connection)
+                    if not isinstance(exc, Exception):
+                        raise
+                    break
+            return [await self._alone(conn, op, failed.get(i))
+                    for i, op in enumerate(group, start=1)]
+
+    async def _alone(self, conn: asyncpg.Connection, op: _TxOp,
+                     known: BaseException | None) -> TxOutcome | BaseException:
+        """``op`` in a transaction of its own: an error of the step or of its COMMIT is
+        the step's; one of the engine's statements is returned as the exception."""
+        if known is not None:
+            # it raised in this group already: not run again, but its workflow must
+            # still be ours for the error to be recorded (the caller's checkpoint
+            # of the failure is fenced)
+            return TxOutcome("error", error=known)
+        tr = conn.transaction()
+        await tr.start()
+        stage = "engine"
+        try:
+            outcome = (await self._in_transaction(conn, [op], False, {}))[0]
+            stage = "commit"
+            await tr.commit()
+            return outcome
+        except _StepFailed as sf:
+            await tr.rollback()
+            return TxOutcome("error", error=sf.error)
+        except Exception as exc:
+            if stage != "commit" and not conn.is_closed():
+                with contextlib.suppress(*DRIVER_ERRORS):
+                    await tr.rollback()
+            err = exc if isinstance(exc, ShardflowError) else translate(
+                exc, context=f"transaction step {op.name!r}")
+            if stage == "commit" and not isinstance(err, RetryableDatabaseError):
+                return TxOutcome("error", error=err)  # e.g. its deferred constraint
+            return err
+        except BaseException:
+            if not conn.is_closed():
+                with contextlib.suppress(*DRIVER_ERRORS):
+                    await tr.rollback()
+            raise
 
     async def _in_transaction(self, conn: asyncpg.Connection, group: list[_TxOp],
                               careful: bool, failed: dict[int, BaseException]
@@ -434,21 +486,33 @@ class TxBatcher:
                 # its own transaction when it runs alone: here, before the next one
                 await conn.execute(_RESET)
             ran = True
-            sp = conn.transaction() if careful else None
-            if sp is not None:
-                await sp.start()  # SAVEPOINT
+            if careful:
+                await conn.execute("SAVEPOINT shardflow_step")
             try:
                 output = await asyncio.create_task(op.run(conn), context=op.context)
             except (ShardflowError, Exception) as exc:  # the step's own failure
                 if isinstance(exc, DRIVER_ERRORS):  # e.g. a deadlock victim: retryable
                     exc = translate(exc, context=f"transaction step {op.name!r}")
-                if sp is None:
+                if not careful:
                     raise _StepFailed(i, exc) from None
-                await sp.rollback()  # ROLLBACK TO SAVEPOINT: this step's writes only
+                await conn.execute(_UNDO_STEP)  # this step's writes only
                 outcomes.append(TxOutcome("error", error=exc))
                 continue
-            if sp is not None:
-                await sp.commit()  # RELEASE SAVEPOINT
+            if careful:
+                try:
+                    # fails if the step caught the error of one of its statements and
+                    # returned: the transaction is aborted, and only this step's
+                    # savepoint can bring it back
+                    await conn.execute("RELEASE SAVEPOINT shardflow_step")
+                except asyncpg.InFailedSQLTransactionError as exc:
+                    await conn.execute(_UNDO_STEP)
+                    outcomes.append(TxOutcome("error", error=DatabaseError(
+                        f"transaction step {op.name!r} returned after one of its "
+                        "statements failed (the error was caught inside the step, which "
+                        "left its transaction aborted); to go on after a failed "
+                        "statement, run it in 'async with conn.transaction():'",
+                        sqlstate=exc.sqlstate)))
+                    continue
             done.append((op, output))
             outcomes.append(TxOutcome("ok", output=output))
         if done:
@@ -473,3 +537,12 @@ class TxBatcher:
 # RESET ALL leaves the role alone (GUC_NO_RESET_ALL); the connection's start-up settings
 # (jit off) are its reset values, so they stay.
 _RESET = "RESET ALL; RESET ROLE"
+_UNDO_STEP = "ROLLBACK TO SAVEPOINT shardflow_step; RELEASE SAVEPOINT shardflow_step"
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A failure of the whole group that its callers retry (a lost connection, a
+    deadlock at COMMIT), not one to blame on a step."""
+    if isinstance(exc, DRIVER_ERRORS):
+        exc = translate(exc)
+    return isinstance(exc, RetryableDatabaseError)

@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from . import checks
 from .batcher import TxOutcome
 from .driver import Node, Q
 from .errors import (
+    DatabaseError,
     InvalidArgument,
+    MisroutedWrite,
     NonDeterminismError,
     RetryableDatabaseError,
     ShardflowError,
@@ -64,6 +67,20 @@ class Recorded:
 
 
 _MISSING = object()
+
+
+def _refused(exc: ShardflowError, what: str) -> BaseException:
+    """What a checkpoint write the database refused becomes. A data exception
+    (SQLSTATE class 22: a value Postgres cannot store; 54: past a limit) is the
+    workflow's own: it fails with that error, recorded. Anything else (the shard moved,
+    the node is gone) interrupts the run, which resumes from its checkpoints wherever
+    the workflow lives now; handing a data error back instead re-ran the workflow until
+    it was dead, with its error lost."""
+    if (isinstance(exc, DatabaseError)
+            and not isinstance(exc, RetryableDatabaseError | MisroutedWrite)
+            and (exc.sqlstate or "")[:2] in ("22", "54")):
+        return exc
+    return WorkflowInterrupt(f"{what} failed: {exc}", release=True)
 
 
 @dataclass(eq=False)  # hashed by identity: the engine keeps sets of waiting contexts
@@ -122,8 +139,7 @@ class WorkflowContext:
         try:
             return await self.engine.driver.fetchrow(self.node, query, *args)
         except ShardflowError as exc:
-            raise WorkflowInterrupt(f"checkpoint write {query} failed: {exc}",
-                                    release=True) from exc
+            raise _refused(exc, f"checkpoint write {query}") from exc
 
     async def _finish_step(self, seq: int, name: str, kind: str, status: str,
                            output: str | None, error: str | None, retries: int = 0) -> None:
@@ -139,8 +155,7 @@ class WorkflowContext:
                                             self.fence, seq, name, kind, status, output,
                                             error, retries)
             except ShardflowError as exc:
-                raise WorkflowInterrupt(f"checkpoint of {kind} {name!r} failed: {exc}",
-                                        release=True) from exc
+                raise _refused(exc, f"checkpoint of {kind} {name!r}") from exc
         if not ok:
             raise self._fenced_out(f"checkpoint of {kind} {name!r}")
 
@@ -156,8 +171,7 @@ class WorkflowContext:
             return await gc.step_started(self.tenant, self.shard, self.workflow_id,
                                          self.fence, seq, name)
         except ShardflowError as exc:
-            raise WorkflowInterrupt(f"start of step {name!r} failed: {exc}",
-                                    release=True) from exc
+            raise _refused(exc, f"start of step {name!r}") from exc
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self._cfg.step_backoff_max, self._cfg.step_backoff_base * 2**attempt))
@@ -339,8 +353,7 @@ class WorkflowContext:
     # -- durable sleep -----------------------------------------------------------------
 
     async def sleep(self, seconds: float) -> None:
-        if not isinstance(seconds, int | float) or seconds < 0:
-            raise InvalidArgument(f"sleep seconds must be a number >= 0, got {seconds!r}")
+        seconds = checks.seconds(seconds, "sleep seconds")
         seq, rec = self._next("sleep", "sleep")
         if rec is not None:
             wake = float(loads(rec.output))
@@ -375,10 +388,8 @@ class WorkflowContext:
     # -- messages ------------------------------------------------------------------------
 
     async def recv(self, topic: str, timeout: float) -> Any:
-        if not isinstance(topic, str) or not topic:
-            raise InvalidArgument(f"recv topic must be a non-empty str, got {topic!r}")
-        if not isinstance(timeout, int | float) or timeout < 0:
-            raise InvalidArgument(f"recv timeout must be a number >= 0, got {timeout!r}")
+        checks.text(topic, "recv topic")
+        timeout = checks.seconds(timeout, "recv timeout")
         name = f"recv:{topic}"
         seq, rec = self._next(name, "recv")
         if rec is not None and rec.status == "done":
@@ -433,6 +444,8 @@ class WorkflowContext:
                                self.workflow_id, seq, json.dumps({"message": payload}))
 
     async def send(self, tenant: str, workflow_id: str, topic: str, message: Any) -> None:
+        checks.text(topic, "topic")
+        checks.text(workflow_id, "workflow_id")
         seq, rec = self._next(f"send:{topic}", "send")
         if rec is not None:
             return
@@ -446,8 +459,7 @@ class WorkflowContext:
     # -- events ----------------------------------------------------------------------
 
     async def set_event(self, key: str, value: Any) -> None:
-        if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"event key must be a non-empty str, got {key!r}")
+        checks.text(key, "event key")
         name = f"event:{key}"
         seq, rec = self._next(name, "set_event")
         if rec is not None:
@@ -483,6 +495,7 @@ class WorkflowContext:
         workflow that started before the patch finds another step at this position
         (or nothing left), takes the old path and consumes no position.
         """
+        checks.text(name, "patch name")
         rec = self._peek()
         if rec is not None:
             if rec.kind == "patch" and rec.name == f"patch:{name}":
@@ -500,16 +513,15 @@ class WorkflowContext:
         seq, rec = self._next(f"child:{name}", "child")
         if rec is not None:
             return str(loads(rec.output))
-        child_id = workflow_id or f"{self.workflow_id}.c{seq}"
+        child_id = workflow_id or f"{self.workflow_id[:240]}.c{seq}"
+        reg = self.engine.registered(name)
+        max_attempts = (reg.max_attempts if reg is not None else None) \
+            or self._cfg.max_attempts
         try:
             async with self.engine.driver.transaction(self.node) as conn:
                 # the child row and the parent's checkpoint commit together: a child is
-                # started exactly once whatever crashes
-                await conn.fetchrow(
-                    Q["insert_workflow"], self.tenant, self.shard, child_id, name, queue,
-                    priority, inputs, self.workflow_id, self._cfg.max_attempts, timeout, 0.0,
-                    self._cfg.notify,
-                )
+                # started exactly once whatever crashes. The checkpoint first: if another
+                # run recorded this position, its child is the one (not "id taken").
                 try:
                     ok = await conn.fetchrow(
                         Q["insert_step_strict"], self.tenant, self.shard, self.workflow_id,
@@ -520,6 +532,18 @@ class WorkflowContext:
                     raise _AlreadyRecorded() from None
                 if ok is None:
                     raise self._fenced_out(f"start of child {child_id!r}")
+                inserted = await conn.fetchrow(
+                    Q["insert_workflow"], self.tenant, self.shard, child_id, name, queue,
+                    priority, inputs, self.workflow_id, max_attempts, timeout, 0.0,
+                    self._cfg.notify,
+                )
+                if inserted is None:
+                    # an existing workflow is not this parent's child: adopting it would
+                    # hand this workflow another's result (the rollback undoes the
+                    # checkpoint)
+                    raise InvalidArgument(
+                        f"child workflow_id {child_id!r} of tenant {self.tenant!r} is "
+                        "already used by another workflow")
         except _AlreadyRecorded:
             return str(await self._reload(seq))
         self.engine.wake_workers(self.shard)

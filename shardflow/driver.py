@@ -106,6 +106,10 @@ async def _with_retry(
         i += 1
 
 
+# See Driver._create_pool. A transaction step that awaits something else than its
+# connection for longer than this (an HTTP call inside the transaction) is rolled back.
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+
 # Background loops (claims, recovery, ownership) retry briefly: they run again on
 # their next tick, and must not stall other nodes' work behind one unreachable node.
 BACKGROUND = 1.0
@@ -122,7 +126,8 @@ class Driver:
     """Pools for every node of a cluster, routed by the shard map."""
 
     def __init__(self, nodes: Sequence[NodeSpec], shard_map: ShardMap, *, pool_size: int,
-                 connect_timeout: float, reconnect_timeout: float = 30.0) -> None:
+                 connect_timeout: float, reconnect_timeout: float = 30.0,
+                 application_name: str = "shardflow") -> None:
         self.nodes = {n.name: Node(n) for n in nodes}
         # Citus worker nodes, where workers claim from shard placements directly; not
         # part of the shard map (every other call goes through the coordinator)
@@ -131,6 +136,7 @@ class Driver:
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self.patience = reconnect_timeout
+        self.application_name = application_name
         missing = sorted(set(shard_map.placement) - set(self.nodes))
         if missing:
             raise RoutingError(f"the shard map places shards on node(s) {missing}, "
@@ -142,7 +148,17 @@ class Driver:
     async def _create_pool(self, node: Node, size: int, *, user_code: bool = False
                            ) -> asyncpg.Pool:
         # short OLTP statements: compiling them costs more than it saves
-        settings = {"jit": "off"}
+        settings = {
+            "jit": "off",
+            # how recovery recognises the sessions of a worker that froze (SIGSTOP, a
+            # paused VM) inside a transaction and ends them: see end_frozen_sessions
+            "application_name": self.application_name,
+            # the backstop for any other frozen client holding row locks (a send, a
+            # transaction step): its transaction is rolled back after a minute idle,
+            # rather than blocking that workflow's checkpoints, sends and cancels
+            # for as long as the process stays frozen
+            "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
+        }
         if not user_code:
             # shardflow's own statements are planned for their values, every time: a
             # cached generic plan is made once, from the statistics of that moment, and

@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import psycopg
 
-from . import clusterfile, context
+from . import checks, clusterfile, context
 from .batcher import GroupCommit, StartBatcher, TxBatcher, insert_rows
 from .clusterfile import ClusterSpec, NodeSpec, redact
 from .config import EngineConfig
@@ -50,16 +50,8 @@ R = TypeVar("R")
 
 TERMINAL = ("succeeded", "failed", "cancelled", "dead")
 STATUSES = ("pending", "running", *TERMINAL)
-MAX_ID_LEN = 256
-
-
-def _validate_id(value: object, argument: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{argument} must be a non-empty str, got {value!r}")
-    if len(value) > MAX_ID_LEN:
-        raise InvalidArgument(f"{argument} is {len(value)} characters; the maximum is "
-                              f"{MAX_ID_LEN}")
-    return value
+MAX_ID_LEN = checks.MAX_ID_LEN
+_validate_id = checks.text
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,13 +66,14 @@ class Queue:
 
     def __post_init__(self) -> None:
         _validate_id(self.name, "queue name")
-        if not isinstance(self.priority, int):
-            raise InvalidArgument(f"queue {self.name!r}: priority must be an int")
-        for field_name in ("concurrency", "tenant_concurrency", "rate_per_sec"):
+        checks.int32(self.priority, f"queue {self.name!r}: priority")
+        for field_name in ("concurrency", "tenant_concurrency"):
             v = getattr(self, field_name)
-            if v is not None and (not isinstance(v, int | float) or v <= 0):
-                raise InvalidArgument(f"queue {self.name!r}: {field_name} must be > 0 or "
-                                      f"None, got {v!r}")
+            if v is not None:
+                checks.int32(v, f"queue {self.name!r}: {field_name} (> 0 or None)",
+                             minimum=1)
+        if self.rate_per_sec is not None:
+            checks.positive(self.rate_per_sec, f"queue {self.name!r}: rate_per_sec")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,7 +162,15 @@ class Engine:
                                   "run_workers=False (workers serve every tenant)")
         if dsns is not None and (isinstance(dsns, str) or not dsns):
             raise InvalidArgument("dsns must be a non-empty list of connection strings")
+        if config is not None and not isinstance(config, EngineConfig):
+            raise InvalidArgument(f"config must be a shardflow.EngineConfig, got "
+                                  f"{type(config).__name__} (EngineConfig(**{{...}}) "
+                                  "makes one from a dict)")
         self.config = config or EngineConfig()
+        # this engine's connections carry it as application_name ('shardflow worker
+        # <tag>' when it runs workers): recovery ends the sessions a frozen worker left
+        # in a transaction (see end_frozen_sessions in sql/queries.sql)
+        self.instance_tag = uuid.uuid4().hex[:12]
         self.run_workers = run_workers
         self._dsns = list(dsns) if dsns is not None else None
         self._cluster_file = Path(cluster_file) if cluster_file is not None else None
@@ -211,10 +212,14 @@ class Engine:
                                                                Callable[P, Awaitable[R]]]:
         """Register an async function as a workflow (by ``name``, default its qualname)."""
 
+        if max_attempts is not None:
+            checks.int32(max_attempts, "max_attempts", minimum=1)
+        _validate_id(queue, "queue")
+
         def deco(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             if not asyncio.iscoroutinefunction(fn):
                 raise InvalidArgument(f"workflow {fn!r} must be an async function")
-            wf_name = name or fn.__qualname__
+            wf_name = _validate_id(name or fn.__qualname__, "workflow name")
             if wf_name in self._workflows and self._workflows[wf_name].fn is not fn:
                 raise InvalidArgument(f"workflow name {wf_name!r} is registered twice")
             self._workflows[wf_name] = _Registered(wf_name, fn, queue, max_attempts)
@@ -227,11 +232,10 @@ class Engine:
              ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
         """A checkpointed step with an external side effect: at least once, each run
         recorded. Outside a workflow the function just runs."""
-        if retries < 0:
-            raise InvalidArgument(f"retries must be >= 0, got {retries}")
+        checks.int32(retries, "retries", minimum=0)
 
         def deco(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-            step_name = name or fn.__qualname__
+            step_name = _validate_id(name or fn.__qualname__, "step name")
 
             @functools.wraps(fn)
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -249,11 +253,10 @@ class Engine:
         """A step that runs in the checkpoint's transaction on the tenant's node: its
         writes and its checkpoint commit together, so it takes effect exactly once.
         The function receives the asyncpg connection first; callers omit it."""
-        if retries < 0:
-            raise InvalidArgument(f"retries must be >= 0, got {retries}")
+        checks.int32(retries, "retries", minimum=0)
 
         def deco(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-            step_name = name or fn.__qualname__
+            step_name = _validate_id(name or fn.__qualname__, "transaction name")
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> R:
@@ -313,8 +316,7 @@ class Engine:
 
     def _start_queue(self, reg: _Registered, queue: str | None, priority: int) -> str:
         """The queue a start of ``reg`` goes to, checked with its priority."""
-        if not isinstance(priority, int):
-            raise InvalidArgument(f"priority must be an int, got {priority!r}")
+        checks.int32(priority, "priority")
         q = queue or reg.queue
         if q not in self._known_queues:
             raise InvalidArgument(f"unknown queue {q!r} for workflow {reg.name!r}: define it "
@@ -354,7 +356,10 @@ class Engine:
         self.shard_map = shard_map
         self.driver = Driver(nodes, shard_map, pool_size=self.config.pool_size,
                              connect_timeout=self.config.connect_timeout,
-                             reconnect_timeout=self.config.reconnect_timeout)
+                             reconnect_timeout=self.config.reconnect_timeout,
+                             application_name=(f"shardflow worker {self.instance_tag}"
+                                               if self.run_workers else
+                                               f"shardflow client {self.instance_tag}"))
         await self.driver.open()
         for q in self._queues.values():
             if (q.name == "default" and q == Queue(name="default")) or self.tenant:
@@ -453,11 +458,9 @@ class Engine:
         small batches per shard every ``retention_interval``."""
         self._require_open()
         key = "*" if tenant is None else validate_tenant(tenant)
-        if seconds is not None and (isinstance(seconds, bool)
-                                    or not isinstance(seconds, int | float)
-                                    or not seconds >= 0):
-            raise InvalidArgument(f"retention seconds must be a number >= 0 (None: keep "
-                                  f"forever), got {seconds!r}")
+        if seconds is not None:
+            # inf would be stored, then fail every purge forever (an interval of inf)
+            seconds = checks.seconds(seconds, "retention seconds (None: keep forever)")
         for node in self.driver.nodes.values():
             if seconds is None:
                 await self.driver.execute(node, "clear_retention", key)
@@ -650,10 +653,9 @@ class Engine:
         self._route(tenant_id)  # a tenant-bound engine refuses other tenants here
         if workflow_id is not None:
             _validate_id(workflow_id, "workflow_id")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if not isinstance(delay, int | float) or delay < 0:
-            raise InvalidArgument(f"delay must be a number of seconds >= 0, got {delay!r}")
+        if timeout is not None:
+            timeout = checks.seconds(timeout, "timeout", zero_ok=False)
+        delay = checks.seconds(delay, "delay")
         q = self._start_queue(reg, queue, priority)
         inputs = dump_args(args, kwargs, workflow=reg.name,
                            max_bytes=self.config.max_payload_bytes)
@@ -826,6 +828,8 @@ class Engine:
                             timeout: float | None) -> dict[str, Any]:
         """Poll (or be woken locally) until the workflow ends; its status/output/error."""
         self._require_open()
+        if timeout is not None:
+            timeout = checks.seconds(timeout, "timeout")
         key = (tenant, workflow_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -883,8 +887,9 @@ class Engine:
             return
         shard = self._route(tenant)
         _validate_id(workflow_id, "workflow_id")
-        if not isinstance(topic, str) or not topic:
-            raise InvalidArgument(f"topic must be a non-empty str, got {topic!r}")
+        checks.text(topic, "topic")
+        if idempotency_key is not None:
+            checks.text(idempotency_key, "idempotency_key", max_len=1000)
         payload = dumps(message, what=f"message to {workflow_id!r} on topic {topic!r}",
                         max_bytes=self.config.max_payload_bytes)
         node = self.driver.node_for_shard(shard)
@@ -904,6 +909,9 @@ class Engine:
         then returns None."""
         self._require_open()
         shard = self._route(tenant)
+        _validate_id(workflow_id, "workflow_id")
+        checks.text(key, "event key")
+        timeout = checks.seconds(timeout, "timeout")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -922,6 +930,7 @@ class Engine:
         """Cancel a workflow and its children; returns the ids cancelled."""
         self._require_open()
         shard = self._route(tenant)
+        checks.text(reason, "reason", max_len=10_000)
         await self.get_info(tenant, workflow_id)
         rows = await self.driver.on_shard(
             shard, "cancel_tree", tenant, shard, workflow_id,
@@ -938,9 +947,13 @@ class Engine:
         self._require_open()
         shard = self._route(tenant)
         await self.get_info(tenant, workflow_id)
-        row = await self.driver.row_on_shard(shard, "resume_workflow", tenant, shard,
-                                             workflow_id)
-        if row is None:
+        node = self.driver.node_for_shard(shard)
+        async with self.driver.transaction(node) as conn:
+            ids = [r["workflow_id"] for r in await conn.fetch(
+                Q["resume_tree"], tenant, shard, workflow_id, time.time())]
+            if ids:
+                await conn.execute(Q["resume_failed_steps"], tenant, shard, ids)
+        if not ids:
             info = await self.get_info(tenant, workflow_id)
             if info["status"] == "succeeded":
                 raise InvalidArgument(f"workflow {workflow_id!r} of tenant {tenant!r} "
@@ -954,17 +967,19 @@ class Engine:
         before ``from_step`` and runs the rest again."""
         self._require_open()
         shard = self._route(tenant)
-        info = await self.get_info(tenant, workflow_id)
-        if not isinstance(from_step, int) or from_step < 0:
-            raise InvalidArgument(f"from_step must be an int >= 0, got {from_step!r}")
-        new_id = new_workflow_id or f"{workflow_id}.fork-{uuid.uuid4().hex[:8]}"
-        _validate_id(new_id, "new_workflow_id")
+        _validate_id(workflow_id, "workflow_id")
+        checks.int32(from_step, "from_step", minimum=0)
+        if new_workflow_id is not None:
+            _validate_id(new_workflow_id, "new_workflow_id")
+        await self.get_info(tenant, workflow_id)
+        new_id = new_workflow_id or f"{workflow_id[:200]}.fork-{uuid.uuid4().hex[:8]}"
         node = self.driver.node_for_shard(shard)
         async with self.driver.transaction(node) as conn:
-            await conn.execute(Q["fork_workflow"], tenant, shard, workflow_id, new_id,
-                               from_step)
-        check = await self.get_info(tenant, new_id)
-        if check["name"] != info["name"]:
-            raise InvalidArgument(f"new_workflow_id {new_id!r} is already used")
+            forked = await conn.fetchval(Q["fork_workflow"], tenant, shard, workflow_id,
+                                         new_id, from_step)
+        if not forked:
+            # never adopt an existing workflow as the fork: it may be anything
+            raise InvalidArgument(f"new_workflow_id {new_id!r} of tenant {tenant!r} is "
+                                  "already used by another workflow")
         self.wake_workers()
         return WorkflowHandle(self, tenant, new_id)

@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import socket
-import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import psycopg
 
 from . import context
-from .cron import Cron
 from .driver import BACKGROUND, DRIVER_ERRORS, Node, Q
 from .errors import (
     NonDeterminismError,
@@ -37,7 +32,8 @@ from .errors import (
     WorkflowInterrupt,
 )
 from .ownership import ShardOwnership
-from .serde import dumps, error_payload, loads
+from .serde import clean_text, dumps, error_payload, loads
+from .upkeep import HeartbeatThread, NodeUpkeep
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -69,15 +65,22 @@ class Worker:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.cfg = engine.config
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # the last part is the engine's tag, which its connections carry as their
+        # application_name (see upkeep.worker_tag and end_frozen_sessions)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{engine.instance_tag}"
         self.running: dict[tuple[str, str], _Running] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
         self._slot_free = asyncio.Event()
         self._stopping = False
-        self._last_heartbeat: dict[str, float] = {}
-        self._loop_tick = time.monotonic()
-        self._beat: _HeartbeatThread | None = None
+        self.last_heartbeat: dict[str, float] = {}
+        self.loop_tick = time.monotonic()
+        self._beats: list[HeartbeatThread] = []
+        # Shards of each node owned by a live worker that does not register some of
+        # the workflows we do: (shards, the names of ours it lacks). Our sweeps claim
+        # those there, else two services (or a rolling deploy adding a workflow) on
+        # one cluster strand each other's work in the shards the other owns.
+        self._foreign: dict[str, list[tuple[list[int], list[str]]]] = {}
         self.ownership = ShardOwnership(engine.driver, self._units, self.worker_id)
         self._targets: dict[str, _Target] = {}
         # Citus: each shard of the workflow table (a unit of ownership) -> the claim
@@ -114,19 +117,21 @@ class Worker:
         if self.cfg.notify:
             await self._listen()
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="tick"))
-        self._tasks.append(asyncio.create_task(self._watch_loop(), name="watch"))
-        self._beat = _HeartbeatThread(self)
-        self._beat.start()
-        self._tasks.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
+        for node in driver.nodes.values():
+            beat = HeartbeatThread(self, node)
+            beat.start()
+            self._beats.append(beat)
+            self._tasks += NodeUpkeep(self, node).tasks()
+        self._tasks.append(asyncio.create_task(self._release_loop(), name="release"))
         self._tasks.append(asyncio.create_task(self._ownership_loop(), name="ownership"))
-        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
-        self._tasks.append(asyncio.create_task(self._schedule_loop(), name="schedules"))
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._beat is not None:
-            self._beat.stop.set()
-            await asyncio.to_thread(self._beat.join)
+        for beat in self._beats:
+            beat.stop.set()
+        for beat in self._beats:
+            # a thread stuck on a stalled node is a daemon: not waited for past a lease
+            await asyncio.to_thread(beat.join, self.cfg.lease_timeout)
         for t in self._tasks:
             t.cancel()
         runs = [r.task for r in self.running.values()]
@@ -181,7 +186,7 @@ class Worker:
             return sorted(owned)
         return sorted(u for u in owned if self._placements.get(u, ("", ""))[0] == target.name)
 
-    def _shards(self, node: Node) -> list[int]:
+    def shards_of(self, node: Node) -> list[int]:
         """The logical shards of ``node`` this worker recovers and maintains."""
         if not self.engine.citus:
             return self.ownership.shards(node)
@@ -306,6 +311,8 @@ class Worker:
                               if shards else ([], set()))
                 for row in rows:
                     self._spawn(target.home, row)
+                if sweep:
+                    await self._claim_foreign(target, limit - len(rows), cap)
                 if shards:
                     self.engine.prom.claim_batch.observe(len(rows))
             except ShardflowError as exc:
@@ -325,6 +332,18 @@ class Worker:
                     await asyncio.wait_for(
                         wake.wait(), max(0.0, min(self.cfg.poll_interval,
                                                    next_sweep - loop.time())))
+
+    async def _claim_foreign(self, target: _Target, limit: int, cap: int) -> None:
+        """Claim, in shards another live worker owns, the workflows that it does not
+        register and we do (see ``_foreign``; at the sweep's pace)."""
+        for shards, names in self._foreign.get(target.name, []):
+            if limit <= 0:
+                return
+            rows, _ = await self._claim(target, shards, names, limit, cap)
+            for row in rows:
+                self._spawn(target.home, row)
+            limit -= len(rows)
+            self.engine.metrics["claimed_foreign"] += len(rows)
 
     async def _claim(self, target: _Target, units: list[int], names: list[str], limit: int,
                      cap: int) -> tuple[list[Any], set[int]]:
@@ -375,187 +394,47 @@ class Worker:
             node, "heartbeat", self.worker_id, socket.gethostname(), os.getpid(),
             self.engine.workflow_names, self.cfg.lease_timeout,
         )
-        self._last_heartbeat[node.name] = time.monotonic()
+        self.last_heartbeat[node.name] = time.monotonic()
 
     async def _tick_loop(self) -> None:
         # Proves to the heartbeat thread that the event loop still runs workflows.
         while True:
-            self._loop_tick = time.monotonic()
+            self.loop_tick = time.monotonic()
             await asyncio.sleep(0.05)
 
-    async def _watch_loop(self) -> None:
-        """Stop local runs that lost their workflow (cancelled, taken over), and all runs
-        on a node where our lease may have lapsed."""
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval)
-            now = time.monotonic()
-            for node in self.engine.driver.nodes.values():
-                last = self._last_heartbeat.get(node.name, 0.0)
-                if now - last > self.cfg.lease_timeout:
-                    # Our lease may have lapsed. The runs go on: if another worker took
-                    # a workflow over, its fence refuses our writes and the run stops;
-                    # if nobody did, cancelling here would leave it "running" for good.
-                    log.warning("no heartbeat on node %s for %.1fs", node.name, now - last)
-                    continue
-                try:
-                    await self._check_inflight(node)
-                except ShardflowError as exc:
-                    log.warning("in-flight check on node %s failed: %s", node.name, exc)
-                except Exception:
-                    log.exception("in-flight check on node %s crashed", node.name)
-
-    async def _check_inflight(self, node: Node) -> None:
-        mine = [(k, r) for k, r in self.running.items() if r.node is node]
-        if not mine:
-            return
-        rows = await self.engine.driver.fetch(
-            node, "check_inflight", [k[0] for k, _ in mine], [k[1] for k, _ in mine],
-            [r.fence for _, r in mine], [r.shard for _, r in mine],
-            patience=BACKGROUND)
-        for row in rows:
-            key = (row["tenant_id"], row["workflow_id"])
-            r = self.running.get(key)
-            if r is not None:
-                r.task.cancel()
-            self.engine.notify_done(*key)
-
-    async def _schedule_loop(self) -> None:
-        """Fire due schedule ticks on the shards this worker owns (see migration 0006)."""
-        while True:
-            await asyncio.sleep(self.cfg.poll_interval * 2)
-            for node in self.engine.driver.nodes.values():
-                shards = self._shards(node)
-                if not shards:
-                    continue
-                try:
-                    for row in await self.engine.driver.fetch(
-                            node, "due_schedules", shards, patience=BACKGROUND):
-                        await self._fire(node, row)
-                except ShardflowError as exc:
-                    log.warning("schedules on node %s failed: %s", node.name, exc)
-                except Exception:
-                    log.exception("schedules on node %s crashed", node.name)
-
-    async def _fire(self, node: Node, row: Any) -> None:
-        cron = Cron.parse(row["cron"])
-        now = dt.datetime.fromtimestamp(row["now"], dt.UTC)
-        ticks = [row["next_run_at"]]
-        while len(ticks) < 1000:  # bounded: the rest on the next pass
-            nxt = cron.next_after(ticks[-1])
-            if nxt > now:
-                break
-            ticks.append(nxt)
-        if row["catch_up"] == "skip":
-            ticks = ticks[-1:]
-        nxt = cron.next_after(ticks[-1])
-        driver = self.engine.driver
-        async with driver.transaction(node) as conn:
-            ok = await conn.fetchrow(
-                Q["advance_schedule"], row["tenant_id"], row["shard_id"], row["schedule_id"],
-                row["next_run_at"], nxt.timestamp(), ticks[-1].timestamp(), len(ticks))
-            if ok is None:
-                return  # another worker fired these ticks
-            for tick in ticks:
-                await conn.fetchrow(
-                    Q["insert_workflow"], row["tenant_id"], row["shard_id"],
-                    f"{row['schedule_id']}@{tick.strftime('%Y%m%dT%H%M%SZ')}",
-                    row["workflow_name"], row["queue"], 0, row["inputs"], None,
-                    self.cfg.max_attempts, None, 0.0, self.cfg.notify)
-        self.engine.metrics["schedule_ticks"] += len(ticks)
-
-    async def _retention_loop(self) -> None:
-        """Delete expired finished workflows (small batches per shard) from the shards
-        this worker owns, and VACUUM the partitions that lost enough rows, so the tables
-        stay as small as the retention says (migration 0007 says why autovacuum alone
-        does not keep up with small partitions)."""
+    def work_found(self, node: Node, shards: set[int]) -> None:
+        """Recovery put workflows of ``shards`` back to pending: claim there next."""
         if self.engine.citus:
-            return  # not on Citus yet: the purge joins a coordinator-local table
-        # purged rows per (node, shard) since that shard's last VACUUM, and when it was
-        dirty: dict[tuple[str, int], int] = {}
-        since: dict[tuple[str, int], float] = {}
-        while True:
-            await asyncio.sleep(self.cfg.retention_interval)
-            for node in self.engine.driver.nodes.values():
-                shards = self._shards(node)
-                if not shards:
-                    continue
-                try:
-                    rows = await self.engine.driver.fetch(
-                        node, "purge_finished", shards, 500, patience=BACKGROUND)
-                    now = time.monotonic()
-                    for r in rows:
-                        key = (node.name, r["shard_id"])
-                        dirty[key] = dirty.get(key, 0) + int(r["purged"])
-                        since.setdefault(key, now)
-                        self.engine.metrics["purged"] += int(r["purged"])
-                    owned = set(shards)
-                    for key in [k for k in dirty if k[0] == node.name and k[1] not in owned]:
-                        # moved or rebalanced away: its partitions may be gone here
-                        dirty.pop(key, None)
-                        since.pop(key, None)
-                    due = sorted(s for (n, s), count in dirty.items() if n == node.name
-                                 and (count >= self.cfg.vacuum_after_purged
-                                      or now - since[(n, s)] >= 60.0))
-                    # forgotten before the VACUUM: one that fails (a partition dropped
-                    # by a shard move meanwhile) is not tried again forever
-                    for s in due:
-                        dirty.pop((node.name, s), None)
-                        since.pop((node.name, s), None)
-                    if due:
-                        await self.engine.driver.vacuum_shards(node, due)
-                        self.engine.metrics["vacuumed_shards"] += len(due)
-                except ShardflowError as exc:
-                    log.warning("retention pass on node %s failed: %s", node.name, exc)
-                except Exception:
-                    log.exception("retention pass on node %s crashed", node.name)
+            self.wake()
+            return
+        self._hot.setdefault(node.name, set()).update(shards)
+        self._wake[node.name].set()
 
-    async def _recovery_loop(self) -> None:
-        ticks = 0
+    async def _release_loop(self) -> None:
+        """Hand back the workflows whose hand-back the database refused earlier."""
         while True:
             await asyncio.sleep(self.cfg.recovery_interval)
-            ticks += 1
             pending, self._to_release = self._to_release, []
             for ctx in pending:
                 await self._hand_back(ctx, "retried hand-back")
-            for node in self.engine.driver.nodes.values():
-                if not self._shards(node):
-                    continue
-                try:
-                    live = [r["worker_id"] for r in
-                            await self.engine.driver.fetch(node, "live_workers",
-                                                           patience=BACKGROUND)]
-                    rows = await self.engine.driver.fetch(node, "recover_orphans",
-                                                          self._shards(node), live,
-                                                          self.cfg.lease_timeout,
-                                                          patience=BACKGROUND)
-                    if rows:
-                        self.engine.metrics["recovered"] += len(rows)
-                        log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
-                        if self.engine.citus:
-                            self.wake()
-                        else:
-                            self._hot.setdefault(node.name, set()).update(
-                                r["shard_id"] for r in rows)
-                            self._wake[node.name].set()
-                    if ticks % 10 == 0:
-                        await self._reconcile(node)
-                        row = await self.engine.driver.fetchrow(
-                            node, "backlog_pending", self._shards(node), patience=BACKGROUND)
-                        self.backlog[node.name] = int(row["n"]) if row else 0
-                    if ticks % 20 == 0:
-                        names = [r["name"] for r in
-                                 await self.engine.driver.fetch(node, "live_workflow_names",
-                                                                patience=BACKGROUND)]
-                        await self.engine.driver.execute(node, "mark_unrunnable",
-                                                         self._shards(node), names,
-                                                         patience=BACKGROUND)
-                        await self.engine.driver.execute(node, "prune_workers", patience=BACKGROUND)
-                except ShardflowError as exc:
-                    log.warning("recovery sweep on node %s failed: %s", node.name, exc)
-                except Exception:  # a bug must not stop recovery for good
-                    log.exception("recovery sweep on node %s crashed", node.name)
 
-    async def _reconcile(self, node: Node) -> None:
+    async def find_foreign_work(self, node: Node) -> None:
+        """Which shards of ``node`` are owned by live workers lacking some of our
+        workflows (see ``_foreign``)."""
+        mine = set(self.engine.workflow_names)
+        owned = set(self.ownership.owned.get(node.name, ()))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for r in await self.engine.driver.fetch(node, "shard_owner_names",
+                                                patience=BACKGROUND):
+            if r["shard_id"] in owned or r["owner"] == self.worker_id:
+                continue
+            lacking = tuple(sorted(mine - set(r["workflow_names"] or ())))
+            if lacking:
+                groups.setdefault(lacking, []).append(r["shard_id"])
+        self._foreign[node.name] = [(sorted(sh), list(names))
+                                    for names, sh in groups.items()]
+
+    async def reconcile(self, node: Node) -> None:
         """Hand back workflows the database says we run but we do not: a claim whose
         commit succeeded while its reply was lost (connection dropped, failover) left
         them "running" under our live lease, where recovery never looks. Only when no
@@ -565,7 +444,7 @@ class Worker:
             return
         begun = self._claims_begun
         rows = await self.engine.driver.fetch(node, "my_running", self.worker_id,
-                                              self._shards(node), patience=BACKGROUND)
+                                              self.shards_of(node), patience=BACKGROUND)
         if self._claims_inflight or self._claims_begun != begun:
             return
         for r in rows:
@@ -639,7 +518,10 @@ class Worker:
                 return
             # a claim that knows the workflow has no checkpoints yet says so (fresh);
             # otherwise (a recovery, a resume, a fork, the fair or Citus claim) read them
-            if row.get("fresh") is not True:
+            # fresh is only trusted on the first claim ever (fence 1): the claim's
+            # snapshot may miss checkpoints of a run that parked (and gave its attempt
+            # back) after that snapshot was taken
+            if row.get("fresh") is not True or row["fence"] != 1:
                 steps = await engine.driver.fetch(node, "load_steps", tenant, shard, wf_id)
                 ctx.recorded = context.recorded_steps(steps)
             inputs = loads(row["inputs"])
@@ -699,61 +581,27 @@ class Worker:
         if isinstance(exc, NonDeterminismError):
             payload["type"] = "NonDeterminismError"
         try:
-            await self._finish(ctx, "failed", None, payload)
+            try:
+                await self._finish(ctx, "failed", None, payload)
+            except ShardflowError as err:
+                if isinstance(err, RetryableDatabaseError):
+                    raise
+                # the error itself cannot be written (a value Postgres refuses, past a
+                # limit): the failure is recorded all the same, with what can be.
+                # Handing the workflow back instead re-ran it until it was dead.
+                log.warning("workflow %s/%s: its error could not be recorded (%s); "
+                            "recording a summary", ctx.tenant, ctx.workflow_id, err)
+                await self._finish(ctx, "failed", None, {
+                    "type": clean_text(str(payload.get("type")), 200),
+                    "message": clean_text(str(payload.get("message")), 2000),
+                    "unrecorded": clean_text(f"the full error could not be stored: {err}",
+                                             2000)})
         except ShardflowError as err:
             # cannot record the failure now: hand the workflow back so it runs again
             # (from its checkpoints) rather than staying "running" under a live owner
             log.warning("workflow %s/%s failed (%s) and the failure could not be "
                         "recorded: %s", ctx.tenant, ctx.workflow_id, payload["message"], err)
             self._to_release.append(ctx)
-
-
-class _HeartbeatThread(threading.Thread):
-    """Renews this worker's lease on every node from a thread of its own.
-
-    In a thread, with its own connections, so that a busy event loop (hundreds of
-    workflows queued for pool connections) cannot delay the heartbeat past the lease
-    and get its own healthy workflows recovered by others. It still stops renewing when
-    the event loop has not ticked for half a lease: a wedged process must lose its
-    workflows, not hold them forever.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(name=f"shardflow-heartbeat-{worker.worker_id}", daemon=True)
-        self.worker = worker
-        self.stop = threading.Event()
-        self._conns: dict[str, psycopg.Connection[Any]] = {}
-
-    def _beat(self, node: Node) -> None:
-        w = self.worker
-        conn = self._conns.get(node.name)
-        if conn is None or conn.closed:
-            conn = psycopg.connect(node.spec.dsn, autocommit=True, connect_timeout=2,
-                                   cursor_factory=psycopg.RawCursor)
-            self._conns[node.name] = conn
-        conn.execute(Q["heartbeat"], (w.worker_id, socket.gethostname(), os.getpid(),
-                                      w.engine.workflow_names, w.cfg.lease_timeout))
-        w.engine.prom.lease_renewals.labels(node.name).inc()
-        w._last_heartbeat[node.name] = time.monotonic()
-
-    def run(self) -> None:
-        w = self.worker
-        try:
-            while not self.stop.wait(w.cfg.heartbeat_interval):
-                if time.monotonic() - w._loop_tick > w.cfg.lease_timeout / 2:
-                    log.warning("event loop stalled: not renewing the lease")
-                    continue
-                for node in list(w.engine.driver.nodes.values()):
-                    try:
-                        self._beat(node)
-                    except psycopg.Error as exc:
-                        log.warning("heartbeat on node %s failed: %s", node.name, exc)
-                        bad = self._conns.pop(node.name, None)
-                        if bad is not None:
-                            bad.close()
-        finally:
-            for conn in self._conns.values():
-                conn.close()
 
 
 def _may_have_more(rows: list[Any], limit: int, per_tenant: int) -> set[int]:

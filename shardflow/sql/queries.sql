@@ -91,12 +91,39 @@ SELECT l.shard_id, l.owner, l.epoch, l.acquired_at,
   FROM shardflow.shard_leases l
  ORDER BY l.shard_id;
 
+-- name: shard_owner_names
+-- Each shard's live owner and the workflows it registers: a worker claims, in shards
+-- owned by a worker lacking some of its workflows, those workflows (executor
+-- Worker.find_foreign_work).
+SELECT l.shard_id, l.owner, k.workflow_names
+  FROM shardflow.shard_leases l
+  JOIN shardflow.workers k ON k.worker_id = l.owner
+ WHERE k.lease_expires_at > now();
+
 -- name: recover_orphans
 -- Running workflows whose owner is not among the live workers ($2, from live_workers)
 -- go back to pending. $1 shards, $3 lease seconds. Two queries rather than a join with
 -- workers, so the same text runs on Citus, where workflows is distributed and workers
 -- is not. A workflow claimed within the last lease period is left alone: its owner may
 -- have registered after the live list was read.
+-- SKIP LOCKED: a row locked by a frozen owner (a SIGSTOPped worker inside a transaction
+-- step holds its workflow row FOR SHARE) is left for a later pass, once
+-- end_frozen_sessions has ended that session; waiting on it here stopped recovery of
+-- every other orphan. (Citus: recover_orphans_citus, no row locks in multi-shard
+-- subqueries there.)
+UPDATE shardflow.workflows w
+   SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now(),
+       reason = 'recovered: worker ' || w.owner || ' stopped heartbeating'
+  FROM (SELECT o.tenant_id, o.workflow_id, o.shard_id FROM shardflow.workflows o
+         WHERE o.status = 'running' AND o.shard_id = ANY($1::int[])
+           AND o.owner <> ALL($2::text[])
+           AND o.updated_at < now() - make_interval(secs => $3::float8)
+           FOR UPDATE SKIP LOCKED) x
+ WHERE w.tenant_id = x.tenant_id AND w.workflow_id = x.workflow_id
+   AND w.shard_id = x.shard_id AND w.status = 'running'
+RETURNING w.tenant_id, w.workflow_id, w.shard_id, w.owner;
+
+-- name: recover_orphans_citus
 UPDATE shardflow.workflows w
    SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now(),
        reason = 'recovered: worker ' || w.owner || ' stopped heartbeating'
@@ -104,6 +131,21 @@ UPDATE shardflow.workflows w
    AND w.owner <> ALL($2::text[])
    AND w.updated_at < now() - make_interval(secs => $3::float8)
 RETURNING w.tenant_id, w.workflow_id, w.shard_id, w.owner;
+
+-- name: end_frozen_sessions
+-- Sessions of workers that are not live ($1: tags of the live workers, the last part of
+-- their ids, which their connections carry as application_name 'shardflow worker
+-- <tag>') left idle inside a transaction for $2 seconds: a frozen process (SIGSTOP, a
+-- paused VM) holding row locks its orphans' recovery, sends and cancels would wait on.
+-- Ending the session rolls its transaction back; nothing it did is lost (its
+-- checkpoints had not committed) and, fenced out, it cannot write when it wakes up.
+SELECT count(pg_terminate_backend(a.pid)) AS ended
+  FROM pg_stat_activity a
+ WHERE a.datname = current_database()
+   AND a.application_name LIKE 'shardflow worker %'
+   AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+   AND a.state_change < now() - make_interval(secs => $2::float8)
+   AND substr(a.application_name, 18) <> ALL($1::text[]);
 
 -- name: live_workflow_names
 SELECT DISTINCT unnest(workflow_names) AS name FROM shardflow.workers
@@ -145,8 +187,10 @@ SELECT w.tenant_id, w.workflow_id, w.status
 
 -- name: release_worker
 -- Graceful stop: hand this worker's workflows back at once instead of after the lease.
+-- Not a lost run: the attempt is given back (see workflows.attempts).
 UPDATE shardflow.workflows
-   SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now()
+   SET status = 'pending', owner = NULL, ready_at = now(), updated_at = now(),
+       attempts = greatest(attempts - 1, 0)
  WHERE owner = $1 AND status = 'running';
 
 -- name: delete_worker
@@ -247,10 +291,13 @@ SELECT shardflow.tx_checkpoints($1::text[], $2::int[], $3::text[], $4::int[], $5
 
 -- name: suspend_workflow
 -- Park a running workflow until $5 (epoch seconds): it is claimed again then, or
--- earlier when a message arrives for it.
+-- earlier when a message arrives for it. Waiting is not a failed attempt: the claim
+-- counted this run, the park gives it back, so a workflow that sleeps a thousand times
+-- or is woken by ten thousand messages never reaches max_attempts (and nobody can kill
+-- another's workflow by sending to it).
 UPDATE shardflow.workflows
    SET status = 'pending', owner = NULL, ready_at = to_timestamp($5::float8),
-       updated_at = now()
+       updated_at = now(), attempts = greatest(attempts - 1, 0)
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
    AND fence = $4 AND status = 'running'
 RETURNING 1;
@@ -306,14 +353,19 @@ UPDATE shardflow.workflows w
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
    AND status = 'pending' AND ready_at > now()
    AND EXISTS (SELECT 1 FROM shardflow.messages m
-                WHERE m.tenant_id = $1 AND m.workflow_id = $3 AND m.shard_id = $2);
+                WHERE m.tenant_id = $1 AND m.workflow_id = $3 AND m.shard_id = $2
+                  AND m.taken_at IS NULL);
 
 -- name: take_message
--- $1 tenant, $2 shard, $3 id, $4 topic
-DELETE FROM shardflow.messages
+-- $1 tenant, $2 shard, $3 id, $4 topic. Marked taken, not deleted: the row keeps its
+-- idempotency key, so a send retried after this take inserts nothing (migration 0017).
+UPDATE shardflow.messages
+   SET taken_at = now()
  WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND topic = $4
+   AND taken_at IS NULL
    AND msg_id = (SELECT msg_id FROM shardflow.messages
                   WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND topic = $4
+                    AND taken_at IS NULL
                   ORDER BY msg_id LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING payload;
 
@@ -360,35 +412,72 @@ UPDATE shardflow.workflows w
    AND w.status IN ('pending', 'running')
 RETURNING w.workflow_id;
 
--- name: resume_workflow
-UPDATE shardflow.workflows
+-- name: resume_tree
+-- Resume workflow $3 (cancelled, failed or dead) and, recursively, its children that
+-- were cancelled (a cancel cascades to the whole tree: a resumed parent would wait
+-- forever on children left cancelled). A deadline that has passed ($4, now as epoch
+-- seconds) is dropped, else the old deadline would cancel the workflow again at once;
+-- one still ahead is kept.
+WITH RECURSIVE tree AS (
+    SELECT workflow_id FROM shardflow.workflows
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+       AND status IN ('cancelled', 'failed', 'dead')
+    UNION
+    SELECT c.workflow_id FROM shardflow.workflows c JOIN tree t ON c.parent_id = t.workflow_id
+     WHERE c.tenant_id = $1 AND c.shard_id = $2 AND c.status = 'cancelled'
+)
+UPDATE shardflow.workflows w
    SET status = 'pending', owner = NULL, ready_at = now(), finished_at = NULL,
-       error = NULL, output = NULL, attempts = 0, updated_at = now(), reason = 'resumed'
- WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
-   AND status IN ('cancelled', 'failed', 'dead')
-RETURNING 1;
+       error = NULL, output = NULL, attempts = 0, updated_at = now(), reason = 'resumed',
+       deadline_at = CASE WHEN w.deadline_at > to_timestamp($4::float8)
+                          THEN w.deadline_at END
+  FROM tree
+ WHERE w.tenant_id = $1 AND w.shard_id = $2 AND w.workflow_id = tree.workflow_id
+   AND w.status IN ('cancelled', 'failed', 'dead')
+RETURNING w.workflow_id;
+
+-- name: resume_failed_steps
+-- The failed steps of the resumed workflows $3 run again: replaying the recorded
+-- error would fail them forever, also once the outage that failed them is over. An
+-- external step goes back to 'started', so its next run counts as a re-run
+-- (steps.attempts); a failed transaction step's row goes (its writes never committed).
+WITH redo AS (
+    UPDATE shardflow.steps
+       SET status = 'started', error = NULL, finished_at = NULL
+     WHERE tenant_id = $1 AND shard_id = $2 AND workflow_id = ANY($3::text[])
+       AND kind = 'step' AND status = 'error'
+    RETURNING 1
+)
+DELETE FROM shardflow.steps
+ WHERE tenant_id = $1 AND shard_id = $2 AND workflow_id = ANY($3::text[])
+   AND kind = 'transaction' AND status = 'error';
 
 -- name: fork_workflow
--- Copy workflow $3 as $4 with the checkpoints of steps before $5.
+-- Copy workflow $3 as $4 with the checkpoints of steps before $5. A fork is a new root
+-- (no parent_id: cancelling the original's parent must not cancel the fork). One row
+-- (forked = 0) when $4 exists already: the caller refuses, never adopting it.
 WITH src AS (
     INSERT INTO shardflow.workflows
         (tenant_id, shard_id, workflow_id, name, queue, priority, inputs, parent_id,
          max_attempts, reason)
-    SELECT tenant_id, shard_id, $4, name, queue, priority, inputs, parent_id, max_attempts,
+    SELECT tenant_id, shard_id, $4, name, queue, priority, inputs, NULL, max_attempts,
            'forked from ' || workflow_id || ' at step ' || $5::int
       FROM shardflow.workflows
      WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
     ON CONFLICT DO NOTHING
     RETURNING workflow_id
+), copied AS (
+    INSERT INTO shardflow.steps
+        (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, error, attempts,
+         retries, wake_at, finished_at)
+    SELECT s.tenant_id, s.shard_id, src.workflow_id, s.seq, s.name, s.kind, s.status,
+           s.output, s.error, s.attempts, s.retries, s.wake_at, s.finished_at
+      FROM shardflow.steps s, src
+     WHERE s.tenant_id = $1 AND s.workflow_id = $3 AND s.shard_id = $2 AND s.seq < $5::int
+       AND s.status IN ('done', 'error')
+    RETURNING 1
 )
-INSERT INTO shardflow.steps
-    (tenant_id, shard_id, workflow_id, seq, name, kind, status, output, error, attempts,
-     retries, wake_at, finished_at)
-SELECT s.tenant_id, s.shard_id, src.workflow_id, s.seq, s.name, s.kind, s.status, s.output,
-       s.error, s.attempts, s.retries, s.wake_at, s.finished_at
-  FROM shardflow.steps s, src
- WHERE s.tenant_id = $1 AND s.workflow_id = $3 AND s.shard_id = $2 AND s.seq < $5::int
-   AND s.status IN ('done', 'error');
+SELECT count(*)::int AS forked FROM src;
 
 -- name: list_workflows
 -- $1 tenant (null = all), $2 status, $3 name, $4 limit, $5 shards of this node,

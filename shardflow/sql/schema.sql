@@ -686,9 +686,11 @@ CREATE TABLE shardflow.messages (
     msg_id bigint DEFAULT nextval('shardflow.message_seq'::regclass) NOT NULL,
     payload jsonb,
     idempotency_key text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    taken_at timestamp with time zone
 )
 PARTITION BY LIST (shard_id);
+COMMENT ON COLUMN shardflow.messages.taken_at IS 'when a recv took the message (NULL: still waiting); the row stays so that its idempotency key keeps refusing a retried send';
 CREATE TABLE shardflow.node_info (
     singleton boolean DEFAULT true NOT NULL,
     node_name text NOT NULL,
@@ -811,6 +813,7 @@ CREATE TABLE shardflow.workflows (
     CONSTRAINT workflows_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text, 'dead'::text])))
 )
 PARTITION BY LIST (shard_id);
+COMMENT ON COLUMN shardflow.workflows.attempts IS 'runs of the workflow that were lost (its worker died, its run crashed) plus the current one; a run that parked itself (a durable sleep, a recv, a graceful stop) gives its attempt back. Past max_attempts the workflow is dead.';
 CREATE VIEW shardflow.workflow_status AS
  SELECT w.tenant_id,
     w.shard_id,
@@ -857,6 +860,7 @@ ALTER TABLE ONLY shardflow.workers
 ALTER TABLE ONLY shardflow.workflows
     ADD CONSTRAINT workflows_pkey PRIMARY KEY (tenant_id, workflow_id, shard_id);
 CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, idempotency_key, shard_id) WHERE (idempotency_key IS NOT NULL);
+CREATE INDEX messages_waiting_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, topic, msg_id, shard_id) WHERE (taken_at IS NULL);
 CREATE INDEX schedules_due_idx ON shardflow.schedules USING btree (next_run_at) WHERE (NOT paused);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
 CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE (finished_at IS NOT NULL);
