@@ -1,11 +1,61 @@
-"""Engine configuration: a frozen, keyword-only dataclass with validated defaults."""
+"""Engine configuration: a frozen, keyword-only dataclass with validated defaults.
+
+Also the number checks every boundary shares (``number_problem``, ``check_number``):
+the CLI, the bench and ``EngineConfig.validate`` refuse the same things the same way.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ShardflowError
+
+INT32_MAX = 2**31 - 1
+"""Largest value of a Postgres ``int``: a larger count sent as a parameter fails in the
+server (or, as a LIMIT, is silently clamped), so every int setting stays below it."""
+
+MAX_SECONDS = 10 * 365 * 86400
+"""Ten years: every "seconds" setting and argument stays below. Durations are added to
+``now()`` in Postgres; 1e300 seconds (or inf) overflows the timestamp there, and it
+does so in a worker's background loop, where it fails forever instead of once here."""
+
+# Bounds tighter than int32 where a huge value is harmful before Postgres sees it: the
+# pool preallocates a slot per connection (a million made a worker spin for minutes)
+# and Postgres accepts at most a few hundred connections per node anyway.
+_INT_MAX = {"pool_size": 1000}
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def number_problem(value: object, *, integer: bool = False, low: float = 0,
+                   high: float = INT32_MAX, low_open: bool = False) -> str | None:
+    """What is wrong with ``value`` as a number in ``low``..``high`` (``low_open``:
+    ``low`` itself excluded), phrased to follow a name ("must be ..."); None when it
+    is fine. bool is refused (JSON ``true`` is not 1), so are NaN and +-inf, which pass
+    every ``<= 0`` check and reach Postgres; ``integer`` refuses floats."""
+    bounds = f"{'>' if low_open else '>='} {_fmt(low)} and <= {_fmt(high)}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number (int or float)"
+        return f"must be {kind} {bounds}, got {type(value).__name__} {value!r}"
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        return f"must be {bounds}, got {value!r}"
+    return None
+
+
+def check_number(name: str, value: object, *, integer: bool = False, low: float = 0,
+                 high: float = INT32_MAX, low_open: bool = False,
+                 error: type[ShardflowError] = ConfigError) -> None:
+    """Raise ``error`` naming ``name`` when ``number_problem`` finds one."""
+    problem = number_problem(value, integer=integer, low=low, high=high, low_open=low_open)
+    if problem:
+        raise error(f"{name} {problem}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,13 +174,41 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def from_mapping(cls, data: object, *, source: str = "EngineConfig") -> EngineConfig:
+        """An EngineConfig from a mapping of field names (``--engine-config`` JSON): an
+        unknown name is refused naming it and ``source``, not as a TypeError of
+        ``__init__``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source} must be a JSON object of EngineConfig fields, "
+                              f"got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise ConfigError(f"{source}: {unknown[0]!r} is not an EngineConfig field "
+                              f"(fields: {', '.join(known)})")
+        fields: dict[str, Any] = dict(data)
+        return cls(**fields)
+
     def validate(self) -> None:
+        # Each field by its declared type (annotations are strings here: see the
+        # __future__ import). A value from JSON or a dict can be anything: "2" for a
+        # timeout would otherwise fail later, in a comparison or a worker, unnamed.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or value is None:
-                continue
-            if isinstance(value, int | float) and value <= 0:
-                raise ConfigError(f"EngineConfig.{f.name} must be > 0, got {value!r}")
+            name = f"EngineConfig.{f.name}"
+            kind = str(f.type)
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name} must be true or false, got "
+                                      f"{type(value).__name__} {value!r}")
+            elif kind.startswith("int"):
+                if value is None and "None" in kind:
+                    continue
+                check_number(name, value, integer=True, low=1,
+                             high=_INT_MAX.get(f.name, INT32_MAX))
+            else:  # float: every float field is a number of seconds
+                check_number(name, value, low=0, low_open=True, high=MAX_SECONDS)
         if self.heartbeat_interval >= self.lease_timeout:
             raise ConfigError(
                 f"EngineConfig.heartbeat_interval ({self.heartbeat_interval}) must be less "
