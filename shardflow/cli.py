@@ -1,6 +1,10 @@
 """The ``shardflow`` command line.
 
-Every error a user can cause prints one line, ``shardflow: error: …``, and exits 2.
+Every error prints one line, ``shardflow: error: …``, and exits 2: argparse's (no usage
+dump), shardflow's own, a driver's (libpq's messages span lines: collapsed), and any
+other (named by its type; ``SHARDFLOW_DEBUG=1`` re-raises it with its traceback). The
+bench and the drills, which have parsers of their own, use the same pieces
+(:class:`OneLineParser`, :func:`guarded`).
 """
 
 from __future__ import annotations
@@ -9,22 +13,28 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__, clusterfile
-from .errors import ClusterError, ShardflowError
-from .localcluster import DEFAULT_SHARDS
+from .clusterfile import NodeSpec
+from .config import INT32_MAX, number_problem
+from .errors import ClusterError, ShardflowError, translate
+from .localcluster import DEFAULT_SHARDS, MAX_NODES
+
+if TYPE_CHECKING:
+    import psycopg
 
 console = Console()
 err_console = Console(stderr=True)
 
-EPILOG = """examples:
+EPILOG = f"""examples:
   shardflow cluster up --nodes 4          start a local 4-node cluster in .shardflow/
   shardflow cluster status                nodes, roles, ports, shards
   shardflow demo                          cluster up, run workflows, print a summary
@@ -33,7 +43,74 @@ EPILOG = """examples:
   shardflow worker myapp.flows:engine --processes 2
   shardflow workflows list --tenant acme --status pending
   shardflow cluster down --purge          stop every node and delete the data
+
+cluster file (every command, the bench and the drills too): {clusterfile.RULE}.
+errors: one line on stderr, exit code 2; SHARDFLOW_DEBUG=1 adds the traceback.
 """
+CLUSTER_HELP = (f"the cluster file (default: ${clusterfile.ENV} if set, else "
+                f"{clusterfile.DEFAULT_DIR / clusterfile.FILE_NAME})")
+DIR_HELP = (f"the local cluster's directory, holding {clusterfile.FILE_NAME} (default: the "
+            f"directory of ${clusterfile.ENV}, else {clusterfile.DEFAULT_DIR})")
+DEBUG_ENV = "SHARDFLOW_DEBUG"
+# The most worker processes: far above any real use, low enough that a typo (2**40)
+# is refused instead of forked.
+MAX_PROCESSES = 256
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: whitespace collapsed (libpq's messages span two lines),
+    passwords redacted (a driver may echo a DSN), the type named unless it is one of
+    the errors whose message is written for users."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, ShardflowError | ValueError) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return clusterfile.redact(text)
+
+
+def guarded(prog: str, run: Callable[[], int]) -> int:
+    """``run()``; any exception becomes ``PROG: error: …`` (one line) and exit 2.
+    argparse's own exits (``--help``, its errors) are SystemExit and pass through."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROG: error: MESSAGE``, exit 2:
+    argparse's default prints the whole usage first (for the bench, 25 lines)."""
+
+    error_prog: str | None = None  # PROG, when not the parser's own prog
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.error_prog or self.prog}: error: {' '.join(message.split())}\n")
+
+
+def number_arg(kind: type[int] | type[float], *, low: float = 1, high: float = INT32_MAX,
+               low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` in low..high (see ``config.number_problem``);
+    argparse prefixes the message with the argument's name."""
+    integer = kind is int
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if integer else 'a number'}, got {text[:40]!r}"
+            ) from None
+        problem = number_problem(value, integer=integer, low=low, high=high,
+                                 low_open=low_open)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _when(flag: str) -> Callable[[str], dt.datetime]:
@@ -43,35 +120,39 @@ def _when(flag: str) -> Callable[[str], dt.datetime]:
 
     def parse(text: str) -> dt.datetime:
         if text and text[-1] in units and text[:-1].isdigit():
-            return dt.datetime.now(dt.UTC) - dt.timedelta(
-                seconds=int(text[:-1]) * units[text[-1]])
+            try:
+                return dt.datetime.now(dt.UTC) - dt.timedelta(
+                    seconds=int(text[:-1]) * units[text[-1]])
+            except (OverflowError, ValueError):  # past year 1, or past int's digits
+                raise argparse.ArgumentTypeError(
+                    f"{flag} {text[:40]!r} is too far back (before year 1)") from None
         try:
             when = dt.datetime.fromisoformat(text)
+            when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+            # in UTC now: year 1 at +14:00 is year 0 in UTC, which neither Python
+            # nor the driver can carry to Postgres
+            return when.astimezone(dt.UTC)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{flag} {text!r} is neither an ISO time nor an age like 15m") from None
-        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+                f"{flag} {text[:40]!r} is neither an ISO time nor an age like 15m") from None
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is out of range") from None
 
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # argparse's default prints usage over several lines; we promise one line
-        self.exit(2, f"shardflow: error: {message}\n")
+class _Parser(OneLineParser):
+    error_prog = "shardflow"
 
 
-def _positive_int(name: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
-        return value
+def _positive_int(high: float = INT32_MAX) -> Any:
+    return number_arg(int, low=1, high=high)
 
-    return parse
+
+def _cluster_arg(p: argparse.ArgumentParser) -> None:
+    # --cluster: the flag's name before the bench and the drills' --cluster-file
+    p.add_argument("--cluster-file", "--cluster", dest="cluster", type=Path, default=None,
+                   metavar="FILE", help=CLUSTER_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,18 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"logical shards (default {DEFAULT_SHARDS}; see the README on "
                          "choosing: each node's share is one partition per table)")
     up.add_argument("--port", type=int, default=None, help="first port (default: free ports)")
-    up.add_argument("--dir", type=Path, default=None, help="data directory (default .shardflow)")
+    up.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     up.add_argument("--citus", action="store_true",
                     help="a Citus cluster: a coordinator and --nodes workers (default 2)")
     st = clsub.add_parser("status", help="nodes, roles, ports, pids, shards")
-    st.add_argument("--dir", type=Path, default=None)
+    st.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     dn = clsub.add_parser("down", help="stop every node of the local cluster")
-    dn.add_argument("--dir", type=Path, default=None)
+    dn.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     dn.add_argument("--purge", action="store_true", help="also delete the data directory")
 
     mg = sub.add_parser("migrate", help="apply pending migrations on every node")
-    mg.add_argument("--cluster", type=Path, default=None, help="cluster file")
+    _cluster_arg(mg)
 
     wk = sub.add_parser(
         "worker",
@@ -124,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import MODULE:ATTR (a shardflow.Engine) and run its workers.",
     )
     wk.add_argument("target", help="module:attribute of an Engine, e.g. myapp.flows:engine")
-    wk.add_argument("--processes", type=_positive_int("--processes"), default=1)
-    wk.add_argument("--metrics-port", type=_positive_int("--metrics-port"), default=None,
+    wk.add_argument("--processes", type=_positive_int(MAX_PROCESSES), default=1,
+                    help="worker processes; if one exits, the others are stopped and "
+                         "the command fails")
+    wk.add_argument("--metrics-port", type=_positive_int(65535), default=None,
                     help="serve Prometheus metrics on 127.0.0.1:PORT/metrics "
-                         "(process i of --processes on PORT+i)")
+                         "(process i of --processes on PORT+i: each needs a free port)")
 
     wf = sub.add_parser("workflows", help="inspect workflows across all shards")
     wfsub = wf.add_subparsers(dest="wf_command", required=True, parser_class=_Parser)
@@ -135,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tenant", default=None)
     ls.add_argument("--status", default=None)
     ls.add_argument("--name", default=None)
-    ls.add_argument("--limit", type=_positive_int("--limit"), default=50)
+    ls.add_argument("--limit", type=_positive_int(), default=50)
     ls.add_argument("--since", type=_when("--since"), default=None,
                     help="created at or after: ISO time (UTC if no zone) or an age like "
                          "90s, 15m, 2h, 7d")
     ls.add_argument("--until", type=_when("--until"), default=None,
                     help="created before: same forms as --since")
     ls.add_argument("--json", action="store_true")
-    ls.add_argument("--cluster", type=Path, default=None)
+    _cluster_arg(ls)
     for cmd, text in (
             ("show", "one workflow: status, inputs, output, error, attempts, times"),
             ("steps", "a workflow's step checkpoints (attempts count re-runs)"),
@@ -157,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("tenant")
         c.add_argument("workflow_id")
         c.add_argument("--json", action="store_true")
-        c.add_argument("--cluster", type=Path, default=None)
+        _cluster_arg(c)
         if cmd == "cancel":
             c.add_argument("--reason", default="cancelled")
         if cmd == "fork":
-            c.add_argument("--from-step", type=int, required=True,
+            c.add_argument("--from-step", type=number_arg(int, low=0), required=True,
                            help="steps before this one are replayed from checkpoints")
             c.add_argument("--new-id", default=None, help="the new workflow's id")
 
@@ -169,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="nodes and roles, shard owners, backlog, last minute, oldest pending",
         description="One view of the whole cluster, read from every node.",
         epilog="example: shardflow status --shards")
-    stp.add_argument("--cluster", type=Path, default=None)
+    _cluster_arg(stp)
     stp.add_argument("--shards", action="store_true", help="also every shard's backlog "
                      "and owning worker")
     stp.add_argument("--json", action="store_true")
@@ -177,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     tnsub = tn.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
     top = tnsub.add_parser("top", help="heaviest tenants by backlog, then throughput",
                            epilog="example: shardflow tenants top --limit 20")
-    top.add_argument("--limit", type=_positive_int("--limit"), default=10)
-    top.add_argument("--cluster", type=Path, default=None)
+    top.add_argument("--limit", type=_positive_int(), default=10)
+    _cluster_arg(top)
     top.add_argument("--json", action="store_true")
     gr = tnsub.add_parser(
         "grant", help="a login role that can act for one tenant only (row-level security)",
@@ -189,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: shardflow tenants grant acme --role tenant_acme")
     gr.add_argument("tenant")
     gr.add_argument("--role", required=True)
-    gr.add_argument("--cluster", type=Path, default=None)
+    _cluster_arg(gr)
 
     sc = sub.add_parser("schedules", help="cron schedules (engine.schedule(...))")
     scsub = sc.add_subparsers(dest="schedules_command", required=True, parser_class=_Parser)
@@ -197,23 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example: shardflow schedules list --tenant acme")
     scl.add_argument("--tenant", default=None)
     scl.add_argument("--json", action="store_true")
-    scl.add_argument("--cluster", type=Path, default=None)
+    _cluster_arg(scl)
     for cmd in ("pause", "resume"):
         c = scsub.add_parser(cmd, help=f"{cmd} one schedule",
                              epilog=f"example: shardflow schedules {cmd} acme nightly")
         c.add_argument("tenant")
         c.add_argument("schedule_id")
-        c.add_argument("--cluster", type=Path, default=None)
+        _cluster_arg(c)
 
     rt = sub.add_parser("retention", help="how long finished workflows are kept")
     rtsub = rt.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)
     rs = rtsub.add_parser("set", help="delete finished workflows SECONDS after they finish",
                           epilog="example: shardflow retention set 86400 --tenant acme")
+    # checked in _retention, so that the message names "retention seconds"
     rs.add_argument("seconds", type=float)
     rc = rtsub.add_parser("clear", help="keep finished workflows forever (the default)")
     rl = rtsub.add_parser("list", help="the retention settings ('*': every other tenant)")
     for c in (rs, rc, rl):
-        c.add_argument("--cluster", type=Path, default=None)
+        _cluster_arg(c)
     for c in (rs, rc):
         c.add_argument("--tenant", default=None, help="one tenant (default: all others)")
     rl.add_argument("--json", action="store_true")
@@ -221,18 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shard", help="inspect and move shards")
     shsub = sh.add_subparsers(dest="shard_command", required=True, parser_class=_Parser)
     sl = shsub.add_parser("list", help="every shard: node, epoch, owning worker")
-    sl.add_argument("--cluster", type=Path, default=None)
+    _cluster_arg(sl)
     sl.add_argument("--json", action="store_true")
     sm = shsub.add_parser(
         "move", help="move a shard to another node while workers run",
         description="Copy the shard's rows to NODE under a brief write fence, switch the "
         "shard map, drop the old copy. Running workflows of the shard resume on the new "
         "node from their checkpoints. Prints the pause the fence caused.")
-    sm.add_argument("shard", type=int)
+    sm.add_argument("shard", type=number_arg(int, low=0))
     sm.add_argument("--to", required=True, metavar="NODE")
-    sm.add_argument("--cluster", type=Path, default=None)
-    sm.add_argument("--lock-timeout", type=float, default=5.0,
-                    help="seconds to wait for the fence (default 5)")
+    _cluster_arg(sm)
+    sm.add_argument("--lock-timeout", type=number_arg(float, low=0, low_open=True,
+                                                      high=86400), default=5.0,
+                    help="seconds to wait for the fence (default 5, at most 86400)")
 
     bn = sub.add_parser(
         "bench", add_help=False,
@@ -247,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("drill_args", nargs=argparse.REMAINDER)
 
     dm = sub.add_parser("demo", help="cluster up, start and complete workflows, print a summary")
-    dm.add_argument("--nodes", type=_positive_int("--nodes"), default=3)
-    dm.add_argument("--workflows", type=_positive_int("--workflows"), default=2000)
-    dm.add_argument("--tenants", type=_positive_int("--tenants"), default=50)
+    dm.add_argument("--nodes", type=_positive_int(MAX_NODES), default=3)
+    dm.add_argument("--workflows", type=_positive_int(1_000_000), default=2000)
+    dm.add_argument("--tenants", type=_positive_int(100_000), default=50)
     dm.add_argument("--dir", type=Path, default=None)
     return p
 
@@ -258,8 +343,14 @@ def _cluster(args: argparse.Namespace) -> int:
     from .localcluster import LocalCluster
 
     directory = args.dir
-    if directory is None and args.cluster_command != "up":
-        directory = clusterfile.default_cluster_file().parent
+    if directory is None:
+        # the same rule as every other command's: the directory of $SHARDFLOW_CLUSTER
+        # (if set), else .shardflow; a file of another name is not one that 'up' writes
+        file = clusterfile.default_cluster_file()
+        if file.name != clusterfile.FILE_NAME:
+            raise ClusterError(f"${clusterfile.ENV} names {file}, but a local cluster's "
+                               f"file is DIR/{clusterfile.FILE_NAME}: give --dir DIR")
+        directory = file.parent
     lc = LocalCluster(directory, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
     if args.cluster_command == "up":
         if args.async_replicas and not (args.ha or args.replicas):
@@ -305,14 +396,22 @@ def _slots(obj: Any) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__slots__}
 
 
-def _migrate(args: argparse.Namespace) -> int:
+def _connect(node: NodeSpec, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection to ``node``; failing, a ClusterError naming the node."""
     import psycopg
 
+    try:
+        return psycopg.connect(node.dsn, connect_timeout=5, autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        raise ClusterError(f"node {node.name} is unreachable: {exc}") from exc
+
+
+def _migrate(args: argparse.Namespace) -> int:
     from .migrate import migrate
 
     spec = clusterfile.load(args.cluster)
     for node in spec.nodes:
-        with psycopg.connect(node.dsn, autocommit=True) as conn:
+        with _connect(node) as conn:
             applied = migrate(conn)
         console.print(f"{node.name}: applied {applied or 'nothing (up to date)'}")
     return 0
@@ -406,15 +505,13 @@ def _node_rows(cluster: Path | None, query: str, *params: Any) -> list[tuple[str
     for node in spec.nodes:
         if node.role not in ("primary", "coordinator"):
             continue
-        try:
-            with psycopg.connect(node.dsn, connect_timeout=5, autocommit=True,
-                                 cursor_factory=psycopg.RawCursor) as conn:
+        with _connect(node, cursor_factory=psycopg.RawCursor) as conn:
+            try:
                 cur = conn.execute(Q[query], params)
-                cols = [d.name for d in cur.description or ()]
-                out.append((node.name, [dict(zip(cols, r, strict=True))
-                                        for r in cur.fetchall()]))
-        except psycopg.Error as exc:
-            raise ClusterError(f"node {node.name} is unreachable: {exc}".strip()) from exc
+            except psycopg.Error as exc:  # by SQLSTATE, naming the node
+                raise translate(exc, context=f"node {node.name}") from exc
+            cols = [d.name for d in cur.description or ()]
+            out.append((node.name, [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]))
     return out
 
 
@@ -526,8 +623,13 @@ def _retention(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .errors import InvalidArgument
 
-    if args.retention_command == "set" and not args.seconds >= 0:
-        raise InvalidArgument(f"retention seconds must be >= 0, got {args.seconds:g}")
+    if args.retention_command == "set":
+        # inf would be stored, then fail every purge of every worker forever; the
+        # bound is Engine.set_retention's (100 years); 'retention clear' keeps forever
+        problem = number_problem(args.seconds, low=0, high=100 * 366 * 86400)
+        if problem:
+            raise InvalidArgument(f"retention seconds {problem} ('shardflow retention "
+                                  "clear' keeps finished workflows forever)")
 
     async def run() -> list[dict[str, Any]]:
         engine = Engine(cluster_file=args.cluster, run_workers=False)
@@ -552,8 +654,6 @@ def _retention(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    import psycopg
-
     from .shardmove import move_shard
 
     spec = clusterfile.load(args.cluster)
@@ -566,7 +666,7 @@ def _shard(args: argparse.Namespace) -> int:
         return 0
     rows: list[dict[str, Any]] = []
     for node in spec.nodes:
-        with psycopg.connect(node.dsn, autocommit=True) as conn:
+        with _connect(node) as conn:
             held = {int(str(r[0])): (r[1], bool(r[2])) for r in conn.execute(
                 "SELECT l.shard_id, l.owner, EXISTS (SELECT 1 FROM shardflow.workers k "
                 "WHERE k.worker_id = l.owner AND k.lease_expires_at > now()) "
@@ -616,18 +716,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return guarded("shardflow", lambda: _main(args))
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] in (["bench"], ["drill"]):
         # the bench and the drills have their own option parsers (also: python -m
-        # shardflow.bench / shardflow.drill)
-        try:
-            if argv[0] == "drill":
-                return _drill(argparse.Namespace(drill_args=argv[1:]))
-            return _bench(argparse.Namespace(bench_args=argv[1:]))
-        except ShardflowError as exc:
-            err_console.print(f"shardflow: error: {exc}", markup=False, highlight=False,
-                              soft_wrap=True)
-            return 2
+        # shardflow.bench / shardflow.drill), and report their own errors
+        if argv[0] == "drill":
+            return _drill(argparse.Namespace(drill_args=argv[1:]))
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     handlers = {
         "cluster": _cluster,
@@ -643,14 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _bench,
         "drill": _drill,
     }
-    try:
-        return handlers[args.command](args)
-    except ShardflowError as exc:
-        err_console.print(f"shardflow: error: {exc}", markup=False, highlight=False,
-                          soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The cluster file: which nodes exist, their DSNs and roles, and the shard map.
 
-``cluster up`` writes it (``.shardflow/cluster.json`` by default); the CLI and
-``Engine()`` read it when given no DSNs. ``SHARDFLOW_CLUSTER`` names another file.
+``cluster up`` writes it; the CLI, the bench, the drills and ``Engine()`` (given no
+DSNs) read it. Which file, for every one of them (:func:`resolve`, the one place that
+decides): the ``--cluster-file`` flag (``cluster_file=``) if given, else
+``$SHARDFLOW_CLUSTER`` if set, else ``.shardflow/cluster.json``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,25 @@ from .routing import ShardMap
 DEFAULT_DIR = Path(".shardflow")
 FILE_NAME = "cluster.json"
 FORMAT_VERSION = 1
+ENV = "SHARDFLOW_CLUSTER"
+RULE = f"--cluster-file FILE, else ${ENV}, else {DEFAULT_DIR / FILE_NAME}"
+"""The rule, as every command's ``--help`` states it."""
 
 
-def default_cluster_file() -> Path:
-    env = os.environ.get("SHARDFLOW_CLUSTER")
+def resolve(path: Path | str | None = None) -> Path:
+    """The cluster file to use: ``path`` (a ``--cluster-file`` flag) if given, else
+    ``$SHARDFLOW_CLUSTER`` if set and not empty, else ``.shardflow/cluster.json``."""
+    if path is not None and str(path) != "":
+        return Path(path)
+    env = os.environ.get(ENV)
     if env:
         return Path(env)
     return DEFAULT_DIR / FILE_NAME
+
+
+def default_cluster_file() -> Path:
+    """The cluster file when no flag names one: ``resolve(None)``."""
+    return resolve(None)
 
 
 def redact(dsn: str) -> str:
@@ -106,14 +120,17 @@ class ClusterSpec:
             raise ClusterFileError(f"{source} is corrupt: {type(exc).__name__}: {exc}") from exc
 
 
-def load(path: Path | None = None) -> ClusterSpec:
-    path = path or default_cluster_file()
+def load(path: Path | str | None = None) -> ClusterSpec:
+    path = resolve(path)
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
         raise ClusterFileError(
-            f"no cluster file at {path}: run 'shardflow cluster up' or set SHARDFLOW_CLUSTER"
+            f"no cluster file at {path}: run 'shardflow cluster up', or name one with "
+            f"--cluster-file or ${ENV}"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ClusterFileError(f"cluster file {path} is corrupt: not UTF-8 text") from exc
     except OSError as exc:
         raise ClusterFileError(f"cannot read cluster file {path}: {exc.strerror}") from exc
     try:

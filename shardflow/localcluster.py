@@ -33,6 +33,8 @@ from .migrate import distribute, init_node, migrate
 from .routing import ShardMap
 
 DEFAULT_SHARDS = 64
+# A local cluster of more Postgres servers than this is a typo, not a test bed.
+MAX_NODES = 64
 DATABASE = "shardflow"
 
 # Recorded in cluster.json and in the load reports. Chosen for a co-located
@@ -373,6 +375,8 @@ class LocalCluster:
         the coordinator, through which every call goes)."""
         if nodes is not None and nodes < 1:
             raise ClusterError(f"--nodes must be at least 1, got {nodes}")
+        if nodes is not None and nodes > MAX_NODES:
+            raise ClusterError(f"--nodes must be at most {MAX_NODES}, got {nodes}")
         if replicas < 0 or replicas > 4:
             raise ClusterError(f"--replicas must be between 0 and 4, got {replicas}")
         if (ha or replicas) and citus:

@@ -108,7 +108,7 @@ def test_show_steps_retry_fork_cancel(db: PerTestDB, cluster_file: Path,
 @pytest.mark.parametrize("argv, message", [
     (["show", TENANT, "no-such-workflow"], "no workflow 'no-such-workflow'"),
     (["retry", TENANT, "wf-pending"], "retry applies to failed or dead workflows"),
-    (["fork", TENANT, "wf-broken", "--from-step", "-1"], "from_step must be an int >= 0"),
+    (["fork", TENANT, "wf-broken", "--from-step", "-1"], "argument --from-step: must be >= 0"),
     (["show", "", "wf-broken"], "tenant"),
 ])
 def test_bad_input_is_one_line_exit_2(db: PerTestDB, cluster_file: Path, argv: list[str],
