@@ -72,8 +72,8 @@ from rich.table import Table
 
 from . import __version__, clusterfile, loop
 from .clusterfile import ClusterSpec, NodeSpec
-from .config import EngineConfig
-from .errors import ShardflowError
+from .config import INT32_MAX, MAX_SECONDS, EngineConfig, check_number
+from .errors import InvalidArgument, ShardflowError
 from .localcluster import POSTGRES_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ class BenchOptions:
     """One benchmark run. Give ``rate`` (open loop) or ``concurrency`` (closed loop);
     stop after ``duration`` seconds of arrivals, or after ``workflows`` starts."""
 
-    cluster_file: Path = Path(".shardflow/cluster.json")
+    cluster_file: Path = field(default_factory=clusterfile.default_cluster_file)
     rate: float | None = None
     concurrency: int | None = None
     duration: float = 20.0
@@ -147,24 +147,35 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if self.rate is not None and self.concurrency is not None:
             raise ValueError("give --rate (open loop) or --concurrency (closed loop), not both")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError(f"--rate must be > 0, got {self.rate}")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1 (the transactional step), got {self.steps}")
-        if self.step_ms < 0:
-            raise ValueError(f"--step-ms must be >= 0, got {self.step_ms}")
-        if self.tenants < 1 or self.worker_processes < 1 or self.payload_bytes < 0:
-            raise ValueError("--tenants and --worker-processes must be >= 1, "
-                             "--payload-bytes >= 0")
+        # Every number finite and bounded (NaN passes '<= 0' and then never stops the
+        # load loop), named by its flag. The bounds are far above any real run.
+        for flag, value, integer, low, high, low_open in (
+                ("--rate", self.rate, False, 0, 1e6, True),
+                ("--concurrency", self.concurrency, True, 1, 100_000, False),
+                ("--duration", self.duration, False, 0, 7 * 86400, True),
+                ("--workflows", self.workflows, True, 1, INT32_MAX, False),
+                ("--tenants", self.tenants, True, 1, 1_000_000, False),
+                ("--zipf-s", self.zipf_s, False, 0, 10, False),
+                ("--steps", self.steps, True, 1, 1000, False),
+                ("--payload-bytes", self.payload_bytes, True, 0, 100_000_000, False),
+                ("--step-ms", self.step_ms, False, 0, 3_600_000, False),
+                ("--worker-processes", self.worker_processes, True, 1, 256, False),
+                ("--drain-timeout", self.drain_timeout, False, 0, 86400, True),
+                ("ready_timeout", self.ready_timeout, False, 0, 86400, True),
+                ("--seed", self.seed, True, -(2**63), 2**63, False),
+                ("--locust-users", self.locust_users, True, 1, 1_000_000, False),
+                ("--locust-processes", self.locust_processes, True, 1, 256, False),
+                ("--locust-expect-workers", self.locust_expect_workers, True, 0, 10_000,
+                 False),
+                # >= 5: the dashboard must see each completion before it is deleted
+                ("--retention", self.retention, False, 5, MAX_SECONDS, False),
+                ("--backlog", self.backlog, True, 0, 1_000_000_000, False)):
+            if value is not None:
+                check_number(flag, value, integer=integer, low=low, high=high,
+                             low_open=low_open, error=InvalidArgument)
         if self.skew not in ("uniform", "zipf"):
             raise ValueError(f"--skew must be uniform or zipf, got {self.skew!r}")
-        if self.duration <= 0 or (self.workflows is not None and self.workflows < 1):
-            raise ValueError("--duration must be > 0 and --workflows >= 1")
         if self.locust_users is not None:
-            if self.locust_users < 1:
-                raise ValueError(f"--locust-users must be >= 1, got {self.locust_users}")
             if self.rate is not None or self.concurrency is not None:
                 raise ValueError("--locust-users is the load: give it without --rate "
                                  "or --concurrency")
@@ -174,16 +185,8 @@ class BenchOptions:
             if self.peer is not None:
                 raise ValueError("--peer runs with the bench's own load (--rate or "
                                  "--concurrency), not with --locust-users")
-        if self.locust_processes < 1 or self.locust_expect_workers < 0:
-            raise ValueError("--locust-processes must be >= 1 and "
-                             "--locust-expect-workers >= 0")
-        if self.retention is not None and not self.retention >= 5:
-            raise ValueError(f"--retention must be >= 5 seconds (the dashboard must see "
-                             f"each completion before it goes), got {self.retention}")
         if self.peer not in (None, "dbos"):
             raise ValueError(f"--peer: the only peer is 'dbos', got {self.peer!r}")
-        if self.backlog < 0:
-            raise ValueError(f"--backlog must be >= 0, got {self.backlog}")
         if self.backlog and (self.peer is not None or self.retention is not None
                              or self.locust_users is not None):
             # the peer would run without the backlog (not the same workload), retention
@@ -191,7 +194,8 @@ class BenchOptions:
             # counts of a backlog run come from the bench's own starts
             raise ValueError("--backlog cannot be combined with --peer, --retention or "
                              "--locust-users")
-        EngineConfig(**self.engine_config)  # refuse unknown or invalid settings up front
+        # refuse unknown or invalid settings up front: the workers would die of them
+        EngineConfig.from_mapping(self.engine_config, source="--engine-config")
 
     @property
     def mode(self) -> str:
@@ -543,14 +547,15 @@ def _load_benchflows() -> Any:
     return importlib.import_module("loadtest.benchflows")
 
 
-def _prepare_node(dsn: str, clean: bool, effects_ddl: str) -> None:
+def _prepare_node(node: NodeSpec, clean: bool, effects_ddl: str) -> None:
     """Create the effects table; with ``clean``, drop earlier bench rows (only the
     bench's own workflow name) and vacuum, so every run starts from the same state, the
     once-a-second poll scans only this run's rows, and the cleanup's WAL and vacuum work
-    happen before the measured window, not inside it."""
-    import psycopg
+    happen before the measured window, not inside it. The bench's first contact with
+    each node: one that cannot be reached fails the run here, named."""
+    from .cli import connect_node
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect_node(node) as conn:
         conn.execute(effects_ddl)
         if clean:
             conn.execute(
@@ -680,9 +685,14 @@ def _preload_backlog(nodes: list[NodeSpec], opts: BenchOptions, run_id: str,
 
 
 def _start_workers(opts: BenchOptions, report_dir: Path) -> list[subprocess.Popen[bytes]]:
+    from .worker import PARENT_ENV
+
     env = dict(os.environ)
     env["SHARDFLOW_BENCH_CLUSTER"] = str(Path(opts.cluster_file).absolute())
     env["SHARDFLOW_BENCH_CONFIG"] = json.dumps(opts.engine_config)
+    # the workers end with the bench, even a killed one (no preexec_fn: by now the
+    # bench has threads, and a fork between them must not run Python code)
+    env[PARENT_ENV] = str(os.getpid())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     procs = []
     for i in range(opts.worker_processes):
@@ -709,18 +719,33 @@ def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
     return codes
 
 
+def check_workers(procs: list[subprocess.Popen[bytes]], report_dir: Path, when: str,
+                  expected: set[int] | frozenset[int] = frozenset()) -> None:
+    """Fail the run, naming the worker and its last words, if a worker process exited
+    (other than the pids in ``expected``: a drill's victims). A bench that ran on with
+    fewer workers would report figures of another set-up; a bench whose every worker
+    died would wait out its drain timeout."""
+    for i, p in enumerate(procs):
+        if p.poll() is None or p.pid in expected:
+            continue
+        log = report_dir / f"worker-{i}.log"
+        lines = log.read_text(errors="replace").split("\n") if log.exists() else []
+        last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+        how = (f"was killed by signal {-p.returncode}" if p.returncode < 0
+               else f"exited with code {p.returncode}")
+        raise ShardflowError(f"worker process {i} (pid {p.pid}) {how} {when}"
+                             + (f": {last} (log: {log})" if last else ""))
+
+
 async def _wait_ready(nodes: list[NodeState], procs: list[subprocess.Popen[bytes]],
-                      timeout: float, console: Console) -> None:
+                      timeout: float, console: Console, report_dir: Path) -> None:
     """Wait until every worker process heartbeats on every node and the shards are
     owned by exactly our workers, so the measured window does not include start-up
     (imports, connections, the first rebalance)."""
     pids = {p.pid for p in procs}
     deadline = time.monotonic() + timeout
     while True:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"worker process {p.pid} exited with code {p.returncode} "
-                                   "during start-up (see worker-*.log in the report dir)")
+        check_workers(procs, report_dir, "during start-up")
         ready = True
         ours: set[str] = set()
         owners: set[str | None] = set()
@@ -753,6 +778,9 @@ class FaultContext:
     spec: ClusterSpec
     console: Console
     monitor: Monitor
+    # pids of worker processes the fault kills: add them before the kill, or the run
+    # fails as it does when a worker dies on its own
+    killed: set[int] = field(default_factory=set)
 
 
 class Fault(Protocol):
@@ -1164,7 +1192,7 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
             "SELECT name, current_setting(name) AS value FROM pg_settings "
             "WHERE name = ANY($1::text[]) ORDER BY name", list(POSTGRES_SETTINGS))}
         await engine.open()
-        await _wait_ready(nodes, procs, opts.ready_timeout, console)
+        await _wait_ready(nodes, procs, opts.ready_timeout, console, report_dir)
         load: Load | LocustLoad = (LocustLoad(opts, run_id, report_dir) if opts.locust_users
                                    else Load(opts, engine, run_id))
         monitor = Monitor(nodes, load, pattern)
@@ -1181,14 +1209,16 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
         load_task = asyncio.create_task(load.run())
         spy = (asyncio.create_task(_py_spy(procs[0].pid, opts, report_dir, console))
                if opts.profile else None)
+        killed: set[int] = set()  # worker pids a fault kills on purpose
         fault_task = (asyncio.create_task(fault.run(FaultContext(
-            procs=procs, nodes=nodes, spec=spec, console=console, monitor=monitor)))
-            if fault is not None else None)
+            procs=procs, nodes=nodes, spec=spec, console=console, monitor=monitor,
+            killed=killed))) if fault is not None else None)
         drain_deadline: float | None = None
         with Live(monitor.render(), console=console, refresh_per_second=2,
                   transient=False) as live:
             while True:
                 await asyncio.sleep(1.0)
+                check_workers(procs, report_dir, "during the run", killed)
                 if load_task.done() and drain_deadline is None:
                     load_task.result()  # a bug in the load generator must surface
                     drain_deadline = time.monotonic() + opts.drain_timeout
@@ -1278,10 +1308,11 @@ def run_bench(opts: BenchOptions, console: Console, *, fault: Fault | None = Non
     scenario = opts.scenario or f"bench-{len(nodes)}n-{opts.tenants}t-{opts.steps}s"
     date = dt.date.today().isoformat()
     report_dir = Path(opts.results_dir) / f"{date}-{scenario}"
-    report_dir.mkdir(parents=True, exist_ok=True)
     flows = _load_benchflows()
     for n in nodes:
-        _prepare_node(n.dsn, opts.clean, flows.EFFECTS_DDL)
+        _prepare_node(n, opts.clean, flows.EFFECTS_DDL)
+    # only now: an unreachable node leaves no empty report directory behind
+    report_dir.mkdir(parents=True, exist_ok=True)
     run_id = "b" + uuid.uuid4().hex[:10]
     load_desc = (f"concurrency {opts.concurrency}" if opts.concurrency is not None
                  else f"{opts.effective_rate:g}/s")
@@ -1850,9 +1881,12 @@ def _print_summary(console: Console, summary: dict[str, Any], audit: dict[str, A
 
 
 def parse_args(argv: list[str] | None = None) -> BenchOptions:
-    p = argparse.ArgumentParser(prog="python -m shardflow.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cluster-file", type=Path, default=Path(".shardflow/cluster.json"))
+    from .cli import CLUSTER_HELP, OneLineParser
+
+    p = OneLineParser(prog="shardflow bench", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster-file", type=Path, default=None, metavar="FILE",
+                   help=CLUSTER_HELP)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rate", type=float, help="open loop: starts per second (default 200)")
     g.add_argument("--concurrency", type=int, help="closed loop: concurrent clients")
@@ -1899,14 +1933,9 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
                          "elsewhere (locust -f loadtest/locustfile.py --worker "
                          "--master-host HOST)")
     a = p.parse_args(argv)
-    try:
-        engine_config = json.loads(a.engine_config)
-    except ValueError as exc:
-        raise ValueError(f"--engine-config is not JSON: {exc}") from exc
-    if not isinstance(engine_config, dict):
-        raise ValueError("--engine-config must be a JSON object of EngineConfig fields")
+    engine_config = engine_config_json(a.engine_config)
     return BenchOptions(
-        cluster_file=a.cluster_file, rate=a.rate, concurrency=a.concurrency,
+        cluster_file=clusterfile.resolve(a.cluster_file), rate=a.rate, concurrency=a.concurrency,
         duration=a.duration, workflows=a.workflows, tenants=a.tenants, skew=a.skew,
         zipf_s=a.zipf_s, steps=a.steps, payload_bytes=a.payload_bytes, step_ms=a.step_ms,
         worker_processes=a.worker_processes, results_dir=a.results_dir, scenario=a.scenario,
@@ -1917,21 +1946,34 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         profile=a.profile)
 
 
+def engine_config_json(text: str) -> dict[str, Any]:
+    """``--engine-config``: a JSON object of EngineConfig fields, checked (as the bench's
+    worker processes will build it) so that a bad value fails here, naming the field."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--engine-config is not JSON: {exc}") from exc
+    EngineConfig.from_mapping(data, source="--engine-config")
+    return dict(data)
+
+
 def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
-    try:
+    """The bench's command line: every error is one line and exit 2, bad input before
+    anything starts, a failure during the run (a node, a worker process) at once."""
+    from .cli import guarded
+
+    def run() -> int:
         opts = parse_args(argv)
         if opts.peer == "dbos" and importlib.util.find_spec("dbos") is None:
             raise ValueError("--peer dbos needs DBOS Transact: pip install 'shardflow[peer]'")
         if not Path(opts.cluster_file).is_file():
             raise ValueError(f"--cluster-file {opts.cluster_file} does not exist (start a "
                              f"cluster with 'shardflow cluster up')")
-    except (ValueError, TypeError, ShardflowError) as exc:
-        # bad input: one line, exit 2, before anything starts
-        print(f"shardflow bench: error: {exc}", file=sys.stderr)
-        return 2
-    result = run_bench(opts, console_factory())
-    return 0 if result["audit"]["ok"] else 1
+        result = run_bench(opts, console_factory())
+        return 0 if result["audit"]["ok"] else 1
+
+    return guarded("shardflow bench", run)
 
 
 if __name__ == "__main__":

@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser(
         "drill", add_help=False,
-        help="failure drill under load: failover, worker-crash, network; integrity audit",
+        help="failure drill under load: failover, worker-crash, network, chaos; "
+             "integrity audit",
         description="Run 'shardflow drill --help' for its options.")
     dr.add_argument("drill_args", nargs=argparse.REMAINDER)
 
@@ -396,7 +397,7 @@ def _slots(obj: Any) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__slots__}
 
 
-def _connect(node: NodeSpec, **kwargs: Any) -> psycopg.Connection[Any]:
+def connect_node(node: NodeSpec, **kwargs: Any) -> psycopg.Connection[Any]:
     """A psycopg connection to ``node``; failing, a ClusterError naming the node."""
     import psycopg
 
@@ -411,7 +412,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
     spec = clusterfile.load(args.cluster)
     for node in spec.nodes:
-        with _connect(node) as conn:
+        with connect_node(node) as conn:
             applied = migrate(conn)
         console.print(f"{node.name}: applied {applied or 'nothing (up to date)'}")
     return 0
@@ -505,7 +506,7 @@ def _node_rows(cluster: Path | None, query: str, *params: Any) -> list[tuple[str
     for node in spec.nodes:
         if node.role not in ("primary", "coordinator"):
             continue
-        with _connect(node, cursor_factory=psycopg.RawCursor) as conn:
+        with connect_node(node, cursor_factory=psycopg.RawCursor) as conn:
             try:
                 cur = conn.execute(Q[query], params)
             except psycopg.Error as exc:  # by SQLSTATE, naming the node
@@ -666,7 +667,7 @@ def _shard(args: argparse.Namespace) -> int:
         return 0
     rows: list[dict[str, Any]] = []
     for node in spec.nodes:
-        with _connect(node) as conn:
+        with connect_node(node) as conn:
             held = {int(str(r[0])): (r[1], bool(r[2])) for r in conn.execute(
                 "SELECT l.shard_id, l.owner, EXISTS (SELECT 1 FROM shardflow.workers k "
                 "WHERE k.worker_id = l.owner AND k.lease_expires_at > now()) "

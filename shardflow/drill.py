@@ -12,6 +12,8 @@ with a fault injected ``--fault-at`` seconds into the load:
 * ``failover``: SIGKILL node ``--node``'s primary (Patroni and its Postgres, as a machine
   loss) on a cluster started with ``shardflow cluster up --ha``; measured: detection
   (the old leader's key gone), promotion (a standby answers as primary), recovery.
+* ``chaos``: ``shardflow drill chaos --help``: a seeded run of many faults at once with
+  an audit of every invariant (shardflow/chaos.py; options of its own).
 
 Every drill then reports throughput before the fault, the dip, the time until
 completed/s is back to >= 90% of the pre-fault rate, and the **integrity audit**: every
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -41,11 +44,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import clusterfile, ha
-from .bench import BenchOptions, FaultContext, pyplot, run_bench
+from .bench import BenchOptions, FaultContext, engine_config_json, pyplot, run_bench
 from .clusterfile import ClusterSpec, NodeSpec
-from .config import EngineConfig
+from .config import EngineConfig, check_number
 from .driver import dsn_for_server
-from .errors import ShardflowError
+from .errors import InvalidArgument, ShardflowError
 from .netproxy import TcpProxy
 
 DRILL_FIELDS = ("fault", "detect_s", "promote_s", "recovery_s", "throughput_before",
@@ -88,6 +91,7 @@ class WorkerCrash:
         ids = [r["worker_id"] for r in await conns[0].fetch(
             "SELECT worker_id FROM shardflow.workers WHERE pid = ANY($1::int[])", pids)]
         t_kill = time.time()
+        ctx.killed.update(pids)  # on purpose: the bench must not fail the run for them
         for p in victims:
             os.kill(p.pid, signal.SIGKILL)
         ctx.console.log(f"drill: SIGKILLed worker processes {pids}")
@@ -407,19 +411,36 @@ def _node_named(spec: ClusterSpec, node: str) -> NodeSpec:
                      f"{', '.join(names)}; or an index 0..{len(names) - 1})")
 
 
+def _proxied_file(spec: ClusterSpec, target: NodeSpec, port: int, path: Path) -> Path:
+    """A copy of the cluster file at ``path`` in which ``target`` is reached through the
+    proxy on ``port``: the workers and the load use it; the drill itself (monitoring,
+    the audit) goes direct."""
+    proxied = ClusterSpec(
+        nodes=tuple(NodeSpec(n.name, n.host, port, dsn_for_server(n.dsn, "127.0.0.1", port),
+                             n.role, n.data_dir) if n.name == target.name else n
+                    for n in spec.nodes),
+        shard_map=spec.shard_map)
+    clusterfile.save(proxied, path)
+    return path
+
+
 def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     spec = clusterfile.load(Path(args.cluster_file))
-    engine = {**DRILL_ENGINE, **json.loads(args.engine_config)}
-    EngineConfig(**engine)
+    engine = {**DRILL_ENGINE, **engine_config_json(args.engine_config)}
+    EngineConfig.from_mapping(engine, source="--engine-config")
     results = Path(args.results_dir)
     scenario = args.scenario or f"drill-{args.kind}"
     if not args.scenario and spec.kind == "ha" and not ha.HAState.from_json(
             spec.settings["ha"]).synchronous:
         scenario += "-async"  # its own report: the loss window differs
-    base = dict(cluster_file=Path(args.cluster_file), rate=args.rate, duration=args.duration,
-                tenants=args.tenants, steps=args.steps, worker_processes=args.worker_processes,
-                results_dir=results, scenario=scenario, engine_config=engine,
-                payload_bytes=100, step_ms=args.step_ms, drain_timeout=args.drain_timeout)
+    # Every option is checked (BenchOptions checks the load's) before anything is
+    # started or written: the network drill's proxy and its copy of the cluster file
+    # (DSNs included) come after.
+    opts = BenchOptions(
+        cluster_file=Path(args.cluster_file), rate=args.rate, duration=args.duration,
+        tenants=args.tenants, steps=args.steps, worker_processes=args.worker_processes,
+        results_dir=results, scenario=scenario, engine_config=engine, payload_bytes=100,
+        step_ms=args.step_ms, drain_timeout=args.drain_timeout)
     fault: Any
     proxy: TcpProxy | None = None
     monitor_spec: ClusterSpec | None = None
@@ -431,17 +452,6 @@ def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     elif args.kind == "network":
         target = _node_named(spec, args.node)
         proxy = TcpProxy(target.host, target.port)
-        port = proxy.start()
-        # the workers and the load reach the node through the proxy; the drill itself
-        # (monitoring, audit) goes direct
-        proxied = ClusterSpec(
-            nodes=tuple(NodeSpec(n.name, n.host, port, dsn_for_server(n.dsn, "127.0.0.1", port),
-                                 n.role, n.data_dir) if n.name == target.name else n
-                        for n in spec.nodes),
-            shard_map=spec.shard_map)
-        path = results / f".drill-network-{os.getpid()}.json"
-        clusterfile.save(proxied, path)
-        base["cluster_file"] = path
         monitor_spec = spec
         fault = NetworkFault(proxy=proxy, node=target.name, mode=args.mode, at=args.fault_at,
                              hold=args.fault_for)
@@ -451,13 +461,15 @@ def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                              "Patroni: 'shardflow cluster up --ha'")
         target = _node_named(spec, args.node)
         fault = PrimaryKill(spec=spec, node=target.name, at=args.fault_at)
-    opts = BenchOptions(**base)
     try:
+        if proxy is not None:
+            opts = dataclasses.replace(opts, cluster_file=_proxied_file(
+                spec, target, proxy.start(), results / f".drill-network-{os.getpid()}.json"))
         result = run_bench(opts, console, fault=fault, monitor_spec=monitor_spec)
     finally:
         if proxy is not None:
             proxy.stop()
-            Path(base["cluster_file"]).unlink(missing_ok=True)
+            Path(opts.cluster_file).unlink(missing_ok=True)
     summary = drill_summary(args.kind, result, opts)
     report_dir = Path(result["report_dir"])
     _plot(report_dir, result["rows"], result["fault"] or {}, args.kind)
@@ -477,9 +489,12 @@ def run_drill(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=("failover", "worker-crash", "network"))
-    p.add_argument("--cluster-file", type=Path, default=Path(".shardflow/cluster.json"))
+def add_arguments(p: argparse.ArgumentParser, cluster_help: str | None = None
+                  ) -> None:
+    p.add_argument("kind", choices=("failover", "worker-crash", "network"),
+                   help="the fault; 'shardflow drill chaos --help' for the chaos run")
+    p.add_argument("--cluster-file", type=Path, default=None, metavar="FILE",
+                   help=cluster_help)
     p.add_argument("--rate", type=float, default=50.0, help="open-loop starts/s (default 50)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (30)")
     p.add_argument("--fault-at", type=float, default=10.0,
@@ -504,26 +519,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write drill.json here")
 
 
+def _chaos(argv: list[str]) -> int:
+    """``shardflow drill chaos ...``: the chaos run (shardflow/chaos.py), which has its
+    own options and reports its own errors."""
+    try:
+        from . import chaos
+    except ImportError as exc:
+        if exc.name != f"{__package__}.chaos":
+            raise  # chaos is there, something it imports is not: say that
+        raise ShardflowError("the chaos drill is not available in this version "
+                             "(no module shardflow.chaos)") from exc
+    return chaos.main(argv)
+
+
 def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
-    p = argparse.ArgumentParser(prog="shardflow drill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        if args.fault_at <= 0 or args.fault_at >= args.duration:
+    """The drills' command line: every error is one line and exit 2, bad input before
+    anything starts or is written."""
+    from .cli import CLUSTER_HELP, OneLineParser, guarded
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["chaos"]:
+        return guarded("shardflow drill chaos", lambda: _chaos(args_in[1:]))
+    p = OneLineParser(prog="shardflow drill", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, CLUSTER_HELP)
+
+    def run() -> int:
+        args = p.parse_args(args_in)
+        args.cluster_file = clusterfile.resolve(args.cluster_file)
+        # NaN-proof: every comparison with NaN is false, so each check says what is
+        # right and refuses everything else
+        for flag, value in (("--duration", args.duration), ("--fault-at", args.fault_at),
+                            ("--fault-for", args.fault_for)):
+            check_number(flag, value, low=0, low_open=True, high=7 * 86400,
+                         error=InvalidArgument)
+        check_number("--kill", args.kill, integer=True, low=1, high=256, error=InvalidArgument)
+        if not args.fault_at < args.duration:
             raise ValueError(f"--fault-at must be inside the load (0 < {args.fault_at:g} < "
                              f"--duration {args.duration:g})")
-        if args.kill < 1 or args.fault_for <= 0:
-            raise ValueError("--kill must be >= 1 and --fault-for > 0")
         if not Path(args.cluster_file).is_file():
             raise ValueError(f"--cluster-file {args.cluster_file} does not exist (start a "
                              "cluster with 'shardflow cluster up')")
         summary = run_drill(args, console_factory())
-    except (ValueError, TypeError, ShardflowError) as exc:
-        print(f"shardflow drill: error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if summary["integrity_ok"] else 1
+        return 0 if summary["integrity_ok"] else 1
+
+    return guarded("shardflow drill", run)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(self._set_mode(mode), self._loop).result(timeout=10)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():  # never started (the drill failed first)
+            self._loop.close()
+            return
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
