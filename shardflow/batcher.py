@@ -437,7 +437,9 @@ class TxBatcher:
         await tr.start()
         stage = "engine"
         try:
-            outcome = (await self._in_transaction(conn, [op], False, {}))[0]
+            # careful: a step that left the transaction aborted is named by its
+            # savepoint's RELEASE, not blamed on the engine's checkpoint after it
+            outcome = (await self._in_transaction(conn, [op], True, {}))[0]
             stage = "commit"
             await tr.commit()
             return outcome

@@ -109,6 +109,9 @@ class NodeUpkeep:
         lock can be recovered (next pass) and sent to and cancelled."""
         self._ticks += 1
         node, w = self.node, self.w
+        if self._ticks % 4 == 1 and not w.engine.citus:
+            # also where we own no shard: those are all another worker's
+            await w.find_foreign_work(node)
         shards = w.shards_of(node)
         if not shards:
             return
@@ -135,8 +138,6 @@ class NodeUpkeep:
             row = await self.driver.fetchrow(node, "backlog_pending", shards,
                                              patience=BACKGROUND)
             w.backlog[node.name] = int(row["n"]) if row else 0
-        if self._ticks % 4 == 0 and not citus:
-            await w.find_foreign_work(node)
         if self._ticks % 20 == 0:
             names = [r["name"] for r in
                      await self.driver.fetch(node, "live_workflow_names", patience=BACKGROUND)]

@@ -79,6 +79,25 @@ def make_engine(dsns: list[str] | None = None, **kw: Any) -> Engine:
             await nap(0.05)
         return n
 
+    @eng.transaction(name="hold")
+    async def hold(conn: Any, tag: str) -> str:
+        # Inside its transaction (the workflow row held FOR SHARE): marks its start,
+        # then blocks in the process that has SHARDFLOW_TEST_BLOCK set, where a test
+        # freezes it with SIGSTOP.
+        marker = os.environ.get("SHARDFLOW_TEST_MARKER_DIR")
+        if marker:
+            Path(marker, f"{shardflow.workflow_id()}.{tag}").write_text(str(os.getpid()))
+        if os.environ.get("SHARDFLOW_TEST_BLOCK"):
+            await asyncio.sleep(3600)
+        await conn.execute(
+            "INSERT INTO public.effects (tenant_id, workflow_id, what) VALUES ($1, $2, $3)",
+            shardflow.tenant(), shardflow.workflow_id(), tag)
+        return tag
+
+    @eng.workflow(name="holder")
+    async def holder() -> str:
+        return await hold("h")
+
     @eng.workflow(name="quick")
     async def quick(x: int) -> int:
         await record("q")
