@@ -52,6 +52,7 @@ class WfRecord:
     resume_acked: bool | None = None
     go_sent: bool = False
     gate_opened: bool = False
+    fork_of: str | None = None  # the workflow forked (None: this one; or a child)
     fork_id: str | None = None
     fork_from: int | None = None
     fork_acked: bool | None = None
@@ -115,13 +116,18 @@ def stop_index(rec: WfRecord) -> tuple[int | None, bool]:
     for i, op in enumerate(rec.ops):
         if op[0] == "fail" or (op[0] == "ext" and op[2] > EXT_RETRIES):
             return i, True
-        if op[0] == "gate" and not rec.resume_acked:
+        if op[0] in ("gate", "ext_gate") and not rec.resume_acked:
             return i, True
-        if op[0] == "park" and not (rec.resume_acked and rec.go_sent):
+        if _parks(op) and not (rec.resume_acked and rec.go_sent):
             return i, True
         if op[0] == "sleep" and rec.timeout is not None and op[1] > rec.timeout:
             return i, False
     return None, True
+
+
+def _parks(op: list[Any]) -> bool:
+    """The op waits for the driver's "go" (itself, or a child that does)."""
+    return op[0] == "park" or (op[0] == "child" and any(_parks(o) for o in op[2]))
 
 
 def expected_status(rec: WfRecord) -> str | None:
@@ -137,6 +143,8 @@ def expected_status(rec: WfRecord) -> str | None:
     op = rec.ops[stop][0]
     if op == "sleep":
         return "cancelled"  # timed out
+    if op in ("park", "child"):
+        return "cancelled"
     return "failed"
 
 
@@ -225,13 +233,22 @@ def audit(history: History, db: DbSnapshot) -> list[Invariant]:
         check_labels(t, w, rec.ops, stop, strict, row.status if row else None)
         # children: each exactly as its parent's script says (they run to the end)
         for cid, cops in child_ids(w, rec.ops):
-            # a child of a parent that must succeed must succeed; otherwise (the parent
-            # was stopped) whatever it became is fine, (f) still checks it ended
-            cwant = "succeeded" if want == "succeeded" else crow_status(db, t, cid)
+            # a child shares its parent's fate when the driver acted on the parent (a
+            # cancel cancels the tree, a resume resumes it); a child that waits for "go"
+            # is judged like a parked workflow; other children of a parent that was
+            # stopped may have ended either way, (f) still checks that they ended
+            crec = dataclasses.replace(rec, workflow_id=cid, ops=cops, kind="child")
+            cstop, cstrict = stop_index(crec)
+            cwant: str | None
+            if want in ("succeeded", "cancelled") and (want == "succeeded"
+                                                       or any(_parks(o) for o in cops)):
+                cwant = want
+            else:
+                cwant = crow_status(db, t, cid)
             crow = check_wf(t, cid, cops, cwant, None)
             if crow is None and row is not None and row.status == "succeeded":
                 d.violations.append(f"{t}/{cid}: the child of a succeeded parent is missing")
-            check_labels(t, cid, cops, None, True, crow.status if crow else None)
+            check_labels(t, cid, cops, cstop, cstrict, crow.status if crow else None)
         for key, value in rec.events_read.items():
             d.checked += 1
             wanted = next((op[2] for op in rec.ops if op[0] == "event" and op[1] == key),
@@ -329,8 +346,14 @@ def _check_fork(db: DbSnapshot, rec: WfRecord, i_: Invariant, b: Invariant,
         d.violations.append(f"{t}/{fid}: fork ended {row.status}, expected succeeded")
     if row.status != "succeeded":
         return
-    pos = positions(rec.ops)
-    for idx, label in _tx_labels(rec.ops):
+    ops = rec.ops if rec.fork_of is None else dict(child_ids(rec.workflow_id, rec.ops))[
+        rec.fork_of]
+    pos = positions(ops)
+    known, out = expected_output(ops)
+    if known and row.output != out:
+        d.violations.append(f"{t}/{fid}: fork result {row.output!r} differs from the "
+                            f"script's {out!r}")
+    for idx, label in _tx_labels(ops):
         # steps before from_step are replayed from the copied checkpoints (their effect
         # belongs to the parent); the rest run again, once, as the fork's own
         n = db.effects.get((t, fid, label), 0)

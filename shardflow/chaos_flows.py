@@ -17,6 +17,9 @@ Ops (JSON lists, so they travel as workflow inputs):
 * ``["event", key, value]``: ``set_event``.
 * ``["child", index, ops]``: a child ``<id>.k<index>`` running ``ops``; waits for it.
 * ``["send", tenant, workflow_id, topic, message]``: a message from inside a workflow.
+* ``["ext_gate", label, path]``: an external step (``retries=1``) that fails while the
+  file ``path`` is missing: the workflow fails on a *recorded step error*; the driver
+  creates the file and resumes it, and the resume must run the step again.
 * ``["fail", message]``: the workflow's own code raises.
 * ``["gate", path]``: the code raises unless the file ``path`` exists (not checkpointed:
   the chaos driver creates it, then resumes the failed workflow).
@@ -120,11 +123,20 @@ def make_engine(dsns: list[str], *, config: EngineConfig | None = None,
             raise TransientFailure(f"external step {label} fails on this call")
         return label
 
+    @eng.step(name="chaos.gate", retries=1)
+    async def gate(label: str, path: str) -> str:
+        if not os.path.exists(path):  # noqa: ASYNC240 (a stat of a local file)
+            raise ScriptedFailure(f"gate {path} is closed")
+        return label
+
     @eng.workflow(name=WORKFLOW)
     async def script(ops: list[Any]) -> list[Any]:
         out: list[Any] = []
         for op in ops:
-            out.append(await _run_op(eng, op, effect, external, script))
+            if op[0] == "ext_gate":
+                out.append(await gate(op[1], op[2]))
+            else:
+                out.append(await _run_op(eng, op, effect, external, script))
         return out
 
     return eng
@@ -194,7 +206,7 @@ def expected_output(ops: list[Any]) -> tuple[bool, Any]:
     out: list[Any] = []
     for op in ops:
         kind = op[0]
-        if kind in ("tx", "ext"):
+        if kind in ("tx", "ext", "ext_gate"):
             out.append(op[1])
         elif kind == "child":
             known, value = expected_output(op[2])

@@ -102,16 +102,25 @@ def make_plan(seed: int, *, duration: float, rate: float, tenants: int, run: str
                     child.append(["sleep", 1.5])  # a child released and re-claimed
                 rec.ops.append(["child", j, child])
             rec.ops.append(["tx", "t9", 0])
+            if rng.random() < 0.4:
+                # a fork of a child: a new root, whatever the child's parent was
+                rec.fork_of, rec.fork_from = f"{wid}.k0", 1
         elif kind == "timeout":
             rec.ops = [["tx", "t0", 0], ["sleep", 30.0], ["tx", "after", 0]]
             rec.timeout = 3.0
         elif kind == "cancel":
-            rec.ops = [["tx", "t0", 0], ["ext", "e1", 0, 0], ["park", "parked"],
-                       ["tx", "after", 0]]
+            park: list[Any] = ["park", "parked"]
+            if rng.random() < 0.4:  # the child waits: cancel and resume reach the tree
+                park = ["child", 0, [["tx", "c0", 0], park, ["tx", "c1", 0]]]
+            rec.ops = [["tx", "t0", 0], ["ext", "e1", 0, 0], park, ["tx", "after", 0]]
             rec.plan_cancel = True
             rec.plan_resume = rng.random() < 0.5
         elif kind == "gated":
-            rec.ops = [["tx", "t0", 0], ["gate", str(gates / wid)], ["tx", "after", 0]]
+            # the code fails (nothing recorded), or a step fails (its error recorded):
+            # a resume after the gate opens must get past either
+            gate = (["gate", str(gates / wid)] if rng.random() < 0.5
+                    else ["ext_gate", "g1", str(gates / wid)])
+            rec.ops = [["tx", "t0", 0], gate, ["tx", "after", 0]]
             rec.plan_resume = rng.random() < 0.8
         else:  # fork
             rec.ops = [["tx", "a", 0], ["ext", "b", 0, 0], ["tx", "c", 0]]
@@ -170,12 +179,13 @@ class Actor:
         self.rec.notes.append(f"waited {WAIT_S:.0f}s for {w} to be {'/'.join(want)}")
         return None
 
-    async def wait_event(self, key: str, at_least: Any = True) -> bool:
+    async def wait_event(self, key: str, at_least: Any = True, wf: str | None = None
+                         ) -> bool:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             try:
-                v = await self.eng.get_event(self.rec.tenant, self.rec.workflow_id, key,
-                                             timeout=2.0)
+                v = await self.eng.get_event(self.rec.tenant, wf or self.rec.workflow_id,
+                                             key, timeout=2.0)
                 if v is not None and (v is True or (isinstance(v, int) and v >= at_least)):
                     return True
             except Exception:
@@ -192,7 +202,9 @@ class Actor:
             return
         t, w = rec.tenant, rec.workflow_id
         if rec.kind == "cancel":
-            if not await self.wait_event("parked"):
+            # the workflow that waits for "go": this one, or its child
+            parked = w if rec.ops[2][0] == "park" else f"{w}.k0"
+            if not await self.wait_event("parked", wf=parked):
                 return
             rec.cancel_acked, _ = await self._retry("cancel", lambda: self.eng.cancel(t, w))
             if rec.plan_resume and rec.cancel_acked:
@@ -200,20 +212,18 @@ class Actor:
                 rec.resume_acked, _ = await self._retry("resume", lambda: self.eng.resume(t, w))
                 if rec.resume_acked:
                     rec.go_sent, _ = await self._retry("send go", lambda: self.eng.send(
-                        t, w, "go", {"go": True}, idempotency_key=f"{w}/go"))
+                        t, parked, "go", {"go": True}, idempotency_key=f"{parked}/go"))
         elif rec.kind == "gated":
             if rec.plan_resume and await self.wait_status(w, ("failed",)) == "failed":
-                await asyncio.to_thread(Path(rec.ops[1][1]).touch)
+                await asyncio.to_thread(Path(rec.ops[1][-1]).touch)
                 rec.gate_opened = True
                 rec.resume_acked, _ = await self._retry("resume", lambda: self.eng.resume(t, w))
-        elif rec.kind == "fork":
+        elif rec.fork_from is not None:
             if await self.wait_status(w, TERMINAL) == "succeeded":
-                fid = f"{w}.fork"
-                assert rec.fork_from is not None
-                frm = rec.fork_from
-                rec.fork_id = fid
-                rec.fork_acked, _ = await self._retry("fork", lambda: self.eng.fork(
-                    t, w, from_step=frm, new_workflow_id=fid))
+                src = rec.fork_of or w
+                fid = rec.fork_id = f"{src}.fork"
+                rec.fork_acked, _ = await self._retry("fork", functools.partial(
+                    self.eng.fork, t, src, from_step=rec.fork_from, new_workflow_id=fid))
         elif rec.kind == "recv":
             await self._play_messages()
         elif (any(op[0] == "event" for op in rec.ops)
