@@ -43,7 +43,12 @@ def load_engine(target: str) -> Engine:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidArgument(f"cannot import module {module_name!r}: {exc}") from exc
-    obj = getattr(module, attr, None)
+    except Exception as exc:  # the module itself failed: say so, in one line
+        raise InvalidArgument(f"cannot import module {module_name!r}: importing it raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise InvalidArgument(f"module {module_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
     if not isinstance(obj, Engine):
         raise InvalidArgument(f"{target} is {type(obj).__name__}, not a shardflow.Engine")
     return obj
