@@ -48,7 +48,9 @@ P = ParamSpec("P")
 W = TypeVar("W")
 R = TypeVar("R")
 
-TERMINAL = ("succeeded", "failed", "cancelled", "dead")
+# 'purged': a finished workflow that retention purged, kept as a tombstone of its id
+# for the idempotency window (migration 0018)
+TERMINAL = ("succeeded", "failed", "cancelled", "dead", "purged")
 STATUSES = ("pending", "running", *TERMINAL)
 MAX_ID_LEN = checks.MAX_ID_LEN
 _validate_id = checks.text
@@ -450,22 +452,34 @@ class Engine:
         await self.driver.on_shard(shard, "pause_schedule", tenant, shard, schedule_id,
                                    paused, nxt.timestamp())
 
-    async def set_retention(self, seconds: float | None, *, tenant: str | None = None
-                            ) -> None:
+    async def set_retention(self, seconds: float | None, *, tenant: str | None = None,
+                            idempotency_window: float | None = None) -> None:
         """Delete finished workflows (with their steps, messages, events) ``seconds``
         after they finished: for ``tenant``, or by default for every tenant without a
         retention of its own. ``None`` removes it (keep forever). Workers apply it in
-        small batches per shard every ``retention_interval``."""
+        small batches per shard every ``retention_interval``.
+
+        A purged workflow leaves a tombstone of its id (status ``purged``, no inputs or
+        outputs) for ``idempotency_window`` seconds more (default: the ``'*'``
+        default's, else one day), so that a start retried with the same (tenant, id)
+        after the purge does not run it again; 0 deletes the row at once."""
         self._require_open()
         key = "*" if tenant is None else validate_tenant(tenant)
         if seconds is not None:
             # inf would be stored, then fail every purge forever (an interval of inf)
-            seconds = checks.seconds(seconds, "retention seconds (None: keep forever)")
+            seconds = checks.seconds(seconds, "retention seconds")
+        window = None
+        if idempotency_window is not None:
+            if seconds is None:
+                raise InvalidArgument("idempotency_window needs a retention (seconds)")
+            window = checks.seconds(idempotency_window, "idempotency_window")
         for node in self.driver.nodes.values():
             if seconds is None:
                 await self.driver.execute(node, "clear_retention", key)
             else:
                 await self.driver.execute(node, "set_retention", key, float(seconds))
+                if window is not None:
+                    await self.driver.execute(node, "set_idempotency_window", key, window)
 
     async def retention(self) -> list[dict[str, Any]]:
         """The retention settings ('*' is the default), as stored on the first node."""
@@ -857,6 +871,11 @@ class Engine:
             return outcome["output"]
         if status == "cancelled":
             raise WorkflowCancelled(tenant, workflow_id, status, outcome["error"])
+        if status == "purged":
+            raise WorkflowFailed(tenant, workflow_id, status, {
+                "type": "Purged", "message": "the workflow finished and retention purged "
+                "it: its outcome is no longer kept (its id stays taken for the "
+                "idempotency window)"})
         raise WorkflowFailed(tenant, workflow_id, status, outcome["error"])
 
     def notify_done(self, tenant: str, workflow_id: str) -> None:
@@ -894,7 +913,8 @@ class Engine:
                         max_bytes=self.config.max_payload_bytes)
         node = self.driver.node_for_shard(shard)
         async with self.driver.transaction(node) as conn:
-            if await conn.fetchrow(Q["lock_workflow_row"], tenant, shard, workflow_id) is None:
+            row = await conn.fetchrow(Q["lock_workflow_row"], tenant, shard, workflow_id)
+            if row is None or row["status"] == "purged":
                 raise WorkflowNotFound(tenant, workflow_id)
             await conn.fetchrow(Q["insert_message"], tenant, shard, workflow_id, topic,
                                 payload, idempotency_key)
@@ -958,6 +978,9 @@ class Engine:
             if info["status"] == "succeeded":
                 raise InvalidArgument(f"workflow {workflow_id!r} of tenant {tenant!r} "
                                       "succeeded; there is nothing to resume (use fork)")
+            if info["status"] == "purged":
+                raise InvalidArgument(f"workflow {workflow_id!r} of tenant {tenant!r} "
+                                      "was purged by retention: nothing is left to resume")
         self.wake_workers()
         return WorkflowHandle(self, tenant, workflow_id)
 
@@ -971,7 +994,9 @@ class Engine:
         checks.int32(from_step, "from_step", minimum=0)
         if new_workflow_id is not None:
             _validate_id(new_workflow_id, "new_workflow_id")
-        await self.get_info(tenant, workflow_id)
+        if (await self.get_info(tenant, workflow_id))["status"] == "purged":
+            raise InvalidArgument(f"workflow {workflow_id!r} of tenant {tenant!r} was "
+                                  "purged by retention: nothing is left to fork")
         new_id = new_workflow_id or f"{workflow_id[:200]}.fork-{uuid.uuid4().hex[:8]}"
         node = self.driver.node_for_shard(shard)
         async with self.driver.transaction(node) as conn:

@@ -409,3 +409,57 @@ async def test_numbers_and_text_postgres_refuses_are_refused_first(db: PerTestDB
             await eng.start_many(wf, starts)
         assert await eng.list_workflows() == []
     assert isinstance(EngineConfig(), EngineConfig)
+
+
+# -- 9. idempotent start past retention ---------------------------------------------------------
+
+async def test_a_start_retried_after_retention_purged_the_workflow_runs_nothing(
+        db: PerTestDB) -> None:
+    """Retention purges a finished workflow but keeps a tombstone of its id for the
+    idempotency window: the same start retried then does not run it (nor its
+    transactional effect) again. Past the window the id is free."""
+    db.run_all(EFFECTS_DDL)
+    eng = db.engine(dataclasses.replace(FAST, retention_interval=0.2))
+
+    @eng.transaction()
+    async def effect(conn: Any) -> None:
+        await conn.execute("INSERT INTO public.effects (tenant_id, workflow_id, what) "
+                           "VALUES ($1, $2, 'paid')", shardflow.tenant(),
+                           shardflow.workflow_id())
+
+    @eng.workflow(name="pay")
+    async def pay() -> str:
+        await effect()
+        return "paid"
+
+    async def status(wf: str) -> str:
+        return str((await eng.get_info("acme", wf))["status"])
+
+    async with eng:
+        assert await (await eng.start(pay, tenant="acme", workflow_id="o1")).result(
+            timeout=30) == "paid"
+        await eng.set_retention(0.3, idempotency_window=3600)
+        for _ in range(100):
+            if await status("o1") == "purged":
+                break
+            await asyncio.sleep(0.1)
+        assert await status("o1") == "purged"
+        assert db.scalar("acme", "SELECT count(*) FROM shardflow.steps "
+                                 "WHERE workflow_id = 'o1'") == 0
+        h = await eng.start(pay, tenant="acme", workflow_id="o1")  # the retried start
+        with pytest.raises(WorkflowFailed, match="purged"):
+            await h.result(timeout=5)
+        await asyncio.sleep(0.5)
+        assert db.scalar("acme", "SELECT count(*) FROM public.effects "
+                                 "WHERE workflow_id = 'o1'") == 1
+        # a window of 0: the tombstone goes, and the id can be used again
+        await eng.set_retention(0.3, idempotency_window=0)
+        for _ in range(100):
+            if not await eng.list_workflows(tenant="acme"):
+                break
+            await asyncio.sleep(0.1)
+        assert await eng.list_workflows(tenant="acme") == []
+        assert await (await eng.start(pay, tenant="acme", workflow_id="o1")).result(
+            timeout=30) == "paid"
+        assert {r["tenant_id"]: r["idempotency_seconds"] for r in await eng.retention()} \
+            == {"*": 0.0}

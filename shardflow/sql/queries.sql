@@ -616,11 +616,18 @@ INSERT INTO shardflow.retention AS r (tenant_id, keep_seconds) VALUES ($1, $2)
 ON CONFLICT (tenant_id) DO UPDATE SET keep_seconds = excluded.keep_seconds,
                                       updated_at = excluded.updated_at;
 
+-- name: set_idempotency_window
+-- $1 tenant ('*': the default), $2 seconds a purged workflow's id stays taken (migration
+-- 0018). The retention row must exist (set_retention first).
+UPDATE shardflow.retention SET idempotency_seconds = $2, updated_at = now()
+ WHERE tenant_id = $1;
+
 -- name: clear_retention
 DELETE FROM shardflow.retention WHERE tenant_id = $1;
 
 -- name: list_retention
-SELECT tenant_id, keep_seconds, updated_at FROM shardflow.retention ORDER BY tenant_id;
+SELECT tenant_id, keep_seconds, idempotency_seconds, updated_at
+  FROM shardflow.retention ORDER BY tenant_id;
 
 -- name: upsert_schedule
 -- $1 tenant, $2 shard, $3 schedule id, $4 cron, $5 workflow name, $6 inputs, $7 queue,

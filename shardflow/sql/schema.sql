@@ -469,23 +469,29 @@ CREATE FUNCTION shardflow.purge_finished_shards(p_shards integer[], p_limit inte
 DECLARE
     s int;
     n int;
+    m int;
     v_default float8;
+    v_default_idem float8;
     v_min float8;
+    v_min_total float8;
 BEGIN
-    SELECT keep_seconds INTO v_default FROM shardflow.retention WHERE tenant_id = '*';
-    SELECT min(keep_seconds) INTO v_min FROM shardflow.retention;
+    SELECT keep_seconds, idempotency_seconds INTO v_default, v_default_idem
+      FROM shardflow.retention WHERE tenant_id = '*';
+    v_default_idem := coalesce(v_default_idem, 86400);
+    SELECT min(keep_seconds),
+           min(keep_seconds + coalesce(idempotency_seconds, v_default_idem))
+      INTO v_min, v_min_total FROM shardflow.retention;
     IF v_min IS NULL THEN
         RETURN;  -- no retention configured: keep everything
     END IF;
     FOREACH s IN ARRAY p_shards LOOP
         CONTINUE WHEN to_regclass('shardflow.workflows_s' || s) IS NULL;
-        -- candidates by the finished index (older than the shortest retention), then
-        -- each tenant's own retention (or the default; none: kept)
+        -- finished workflows past their tenant's retention become tombstones
         EXECUTE format(
             'WITH doomed AS ('
             '  SELECT w.tenant_id, w.workflow_id FROM shardflow.%1$I w'
             '    LEFT JOIN shardflow.retention r ON r.tenant_id = w.tenant_id'
-            '   WHERE w.finished_at IS NOT NULL'
+            '   WHERE w.finished_at IS NOT NULL AND w.status <> ''purged'''
             '     AND w.finished_at < now() - make_interval(secs => $1)'
             '     AND w.status IN (''succeeded'', ''failed'', ''dead'', ''cancelled'')'
             '     AND w.finished_at < now() - make_interval(secs =>'
@@ -498,14 +504,36 @@ BEGIN
             '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id),'
             ' del_events AS (DELETE FROM shardflow.%4$I x USING doomed d'
             '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id)'
-            ' DELETE FROM shardflow.%1$I w USING doomed d'
+            ' UPDATE shardflow.%1$I w SET status = ''purged'', inputs = ''null'','
+            '        output = NULL, error = NULL, reason = ''purged by retention'','
+            '        updated_at = now()'
+            '   FROM doomed d'
             '  WHERE w.tenant_id = d.tenant_id AND w.workflow_id = d.workflow_id',
             'workflows_s' || s, 'steps_s' || s, 'messages_s' || s, 'events_s' || s)
         USING v_min, v_default, p_limit;
         GET DIAGNOSTICS n = ROW_COUNT;
-        IF n > 0 THEN
+        -- tombstones past the idempotency window go (with anything sent to them since)
+        EXECUTE format(
+            'WITH gone AS ('
+            '  SELECT w.tenant_id, w.workflow_id FROM shardflow.%1$I w'
+            '    LEFT JOIN shardflow.retention r ON r.tenant_id = w.tenant_id'
+            '   WHERE w.status = ''purged'''
+            '     AND w.finished_at < now() - make_interval(secs => $1)'
+            '     AND w.finished_at < now() - make_interval(secs =>'
+            '           coalesce(r.keep_seconds, $2, ''Infinity''::float8)'
+            '           + coalesce(r.idempotency_seconds, $4))'
+            '   ORDER BY w.finished_at LIMIT $3'
+            '     FOR UPDATE OF w SKIP LOCKED),'
+            ' del_msgs AS (DELETE FROM shardflow.%2$I x USING gone d'
+            '   WHERE x.tenant_id = d.tenant_id AND x.workflow_id = d.workflow_id)'
+            ' DELETE FROM shardflow.%1$I w USING gone d'
+            '  WHERE w.tenant_id = d.tenant_id AND w.workflow_id = d.workflow_id',
+            'workflows_s' || s, 'messages_s' || s)
+        USING v_min_total, v_default, p_limit, v_default_idem;
+        GET DIAGNOSTICS m = ROW_COUNT;
+        IF n + m > 0 THEN
             shard_id := s;
-            purged := n;
+            purged := n + m;
             RETURN NEXT;
         END IF;
     END LOOP;
@@ -720,6 +748,8 @@ CREATE TABLE shardflow.retention (
     tenant_id text NOT NULL,
     keep_seconds double precision NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    idempotency_seconds double precision,
+    CONSTRAINT retention_idempotency_seconds_check CHECK ((idempotency_seconds >= (0)::double precision)),
     CONSTRAINT retention_keep_seconds_check CHECK ((keep_seconds >= (0)::double precision))
 );
 CREATE TABLE shardflow.schedules (
@@ -810,7 +840,7 @@ CREATE TABLE shardflow.workflows (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
-    CONSTRAINT workflows_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text, 'dead'::text])))
+    CONSTRAINT workflows_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text, 'dead'::text, 'purged'::text])))
 )
 PARTITION BY LIST (shard_id);
 COMMENT ON COLUMN shardflow.workflows.attempts IS 'runs of the workflow that were lost (its worker died, its run crashed) plus the current one; a run that parked itself (a durable sleep, a recv, a graceful stop) gives its attempt back. Past max_attempts the workflow is dead.';
@@ -863,11 +893,12 @@ CREATE UNIQUE INDEX messages_idempotency_idx ON ONLY shardflow.messages USING bt
 CREATE INDEX messages_waiting_idx ON ONLY shardflow.messages USING btree (tenant_id, workflow_id, topic, msg_id, shard_id) WHERE (taken_at IS NULL);
 CREATE INDEX schedules_due_idx ON shardflow.schedules USING btree (next_run_at) WHERE (NOT paused);
 CREATE INDEX workflows_created_idx ON ONLY shardflow.workflows USING btree (tenant_id, created_at);
-CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+CREATE INDEX workflows_finished_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE ((finished_at IS NOT NULL) AND (status <> 'purged'::text));
 CREATE INDEX workflows_parent_idx ON ONLY shardflow.workflows USING btree (tenant_id, parent_id) WHERE (parent_id IS NOT NULL);
 CREATE INDEX workflows_pending_queue_idx ON ONLY shardflow.workflows USING btree (queue, tenant_id, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_ready_idx ON ONLY shardflow.workflows USING btree (queue, priority DESC, ready_at) WHERE (status = 'pending'::text);
 CREATE INDEX workflows_running_idx ON ONLY shardflow.workflows USING btree (tenant_id, queue, owner) WHERE (status = 'running'::text);
+CREATE INDEX workflows_tombstones_idx ON ONLY shardflow.workflows USING btree (finished_at) WHERE (status = 'purged'::text);
 ALTER TABLE shardflow.events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE shardflow.messages ENABLE ROW LEVEL SECURITY;
 ALTER TABLE shardflow.steps ENABLE ROW LEVEL SECURITY;
