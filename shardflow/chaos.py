@@ -58,6 +58,7 @@ from .chaos_faults import (
 from .chaos_flows import (
     CHAOS_ENGINE,
     CONFIG_ENV,
+    DEFERRED_DDL,
     DSNS_ENV,
     EFFECTS_DDL,
     LIMITED_CONCURRENCY,
@@ -146,6 +147,7 @@ async def run_chaos(opts: ChaosOptions, spec: ClusterSpec, console: Console,
     for spec_node in spec.nodes:
         with psycopg.connect(spec_node.dsn, autocommit=True) as conn:
             conn.execute(EFFECTS_DDL)
+            conn.execute(DEFERRED_DDL)
     config = EngineConfig(**CHAOS_ENGINE)
     history = History(opts.seed, run, config.max_attempts, queue_limit=LIMITED_CONCURRENCY,
                       nodes=len(spec.nodes))
@@ -260,6 +262,8 @@ async def _play(opts: ChaosOptions, console: Console, history: History, plan: li
             await asyncio.to_thread(p.set_mode, "pass")
         while len(pool.live()) < opts.workers:
             pool.spawn()
+        if not any(p.pid in pool.extra for p in pool.live()):
+            pool.spawn(extra=True)  # chaos.extra needs a worker that knows it
         deadline = time.monotonic() + opts.drain_timeout
         _, pending = await asyncio.wait(actors, timeout=opts.drain_timeout)
         for a in pending:

@@ -149,7 +149,7 @@ def expected_status(rec: WfRecord) -> str | None:
 
 
 def _tx_labels(ops: list[Any]) -> list[tuple[int, str]]:
-    return [(i, op[1]) for i, op in enumerate(ops) if op[0] == "tx"]
+    return [(i, op[1]) for i, op in enumerate(ops) if op[0] in ("tx", "txc")]
 
 
 def positions(ops: list[Any]) -> list[int]:

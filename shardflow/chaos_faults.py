@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from .chaos_flows import EXTRA_ENV
 from .clusterfile import ClusterSpec
 from .localcluster import find_binaries, run_as_postgres
 from .netproxy import TcpProxy
@@ -52,14 +53,22 @@ class WorkerPool:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stopped: set[int] = set()  # pids under SIGSTOP
+        self.extra: set[int] = set()  # pids registering chaos.extra
 
-    def spawn(self) -> subprocess.Popen[bytes]:
+    def spawn(self, extra: bool | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; every other one (or as ``extra`` says) also registers
+        ``chaos.extra``, so the workers register different workflow sets."""
+        if extra is None:
+            extra = len(self.procs) % 2 == 0
+        env = {**self.env, EXTRA_ENV: "1"} if extra else self.env
         with (self.log_dir / f"worker-{len(self.procs)}.log").open("wb") as log:
             p = subprocess.Popen(
                 [sys.executable, "-m", "shardflow.worker", "shardflow.chaos_flows:engine"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads of ours touch it)
         self.procs.append(p)
+        if extra:
+            self.extra.add(p.pid)
         return p
 
     def live(self) -> list[subprocess.Popen[bytes]]:

@@ -11,6 +11,9 @@ Ops (JSON lists, so they travel as workflow inputs):
 * ``["tx", label, fail_first]``: transactional step inserting ``(tenant, workflow, label)``
   into ``public.chaos_effects``; it raises after its insert on its first ``fail_first``
   runs in a process (the insert rolls back; ``retries=2``). Must apply exactly once.
+* ``["txc", label, fail_first]``: like ``tx``, but its first ``fail_first`` runs in a
+  process also insert a row that breaks a deferred foreign key: the step fails at
+  COMMIT, where it shares a group commit with other workflows' steps.
 * ``["ext", label, fail_first, ms]``: external step (``retries=3``), failing its first
   ``fail_first`` calls in a process; ``fail_first >= 4`` makes it fail for good.
 * ``["sleep", seconds]``: durable sleep (longer than ``suspend_after`` releases it).
@@ -20,7 +23,8 @@ Ops (JSON lists, so they travel as workflow inputs):
 * ``["ext_gate", label, path]``: an external step (``retries=1``) that fails while the
   file ``path`` is missing: the workflow fails on a *recorded step error*; the driver
   creates the file and resumes it, and the resume must run the step again.
-* ``["fail", message]``: the workflow's own code raises.
+* ``["fail", message]``: the workflow's own code raises; ``["fail", message, "nul"]``
+  adds a NUL to the message, which jsonb cannot store as it is.
 * ``["gate", path]``: the code raises unless the file ``path`` exists (not checkpointed:
   the chaos driver creates it, then resumes the failed workflow).
 * ``["park", key]``: ``set_event(key, True)`` then ``recv("go", 600)``: a workflow the
@@ -28,6 +32,10 @@ Ops (JSON lists, so they travel as workflow inputs):
 * ``["recv_loop", topic]``: receive messages ``{"id": ...}`` until ``{"done": true}``,
   recording each (a transactional effect and the ``received`` event), then one more
   ``recv(topic, 0)`` that must find nothing (a duplicate delivery would be there).
+
+``chaos.extra`` is the same interpreter registered only by the worker processes started
+with ``$SHARDFLOW_CHAOS_EXTRA`` set (every other one): workers that register different
+workflow sets must not strand its workflows.
 
 Worker processes run ``python -m shardflow.worker shardflow.chaos_flows:engine``; the
 module-level ``engine`` reads its DSNs from ``$SHARDFLOW_CHAOS_DSNS`` and its settings
@@ -47,7 +55,9 @@ from shardflow import Engine, EngineConfig
 
 DSNS_ENV = "SHARDFLOW_CHAOS_DSNS"
 CONFIG_ENV = "SHARDFLOW_CHAOS_CONFIG"
+EXTRA_ENV = "SHARDFLOW_CHAOS_EXTRA"
 WORKFLOW = "chaos.script"
+EXTRA_WORKFLOW = "chaos.extra"
 LIMITED_QUEUE = "chaos-limited"
 LIMITED_CONCURRENCY = 3
 EXT_RETRIES = 3
@@ -73,6 +83,13 @@ CREATE TABLE IF NOT EXISTS public.chaos_effects (
 """
 # No unique constraint on purpose: a duplicate effect must be counted by the audit, not
 # turned into an error that the engine would retry away.
+DEFERRED_DDL = """
+CREATE TABLE IF NOT EXISTS public.chaos_parents (id int PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS public.chaos_deferred (
+    parent int REFERENCES public.chaos_parents (id) DEFERRABLE INITIALLY DEFERRED
+);
+"""
+# chaos_parents stays empty: any row in chaos_deferred fails its transaction at COMMIT.
 
 
 class TransientFailure(RuntimeError):
@@ -101,8 +118,9 @@ def config_from_env() -> EngineConfig:
 
 
 def make_engine(dsns: list[str], *, config: EngineConfig | None = None,
-                run_workers: bool = True) -> Engine:
-    """An engine with the chaos workflow, its steps and its limited queue registered."""
+                run_workers: bool = True, extra: bool = True) -> Engine:
+    """An engine with the chaos workflow, its steps and its limited queue registered
+    (and ``chaos.extra`` with ``extra``)."""
     eng = Engine(dsns=dsns, config=config or config_from_env(), run_workers=run_workers)
     eng.queue(LIMITED_QUEUE, concurrency=LIMITED_CONCURRENCY)
 
@@ -113,6 +131,15 @@ def make_engine(dsns: list[str], *, config: EngineConfig | None = None,
             "VALUES ($1, $2, $3)", shardflow.tenant(), shardflow.workflow_id(), label)
         if fail_first and _fail_now(label, fail_first):
             raise TransientFailure(f"transaction {label} fails on this run")
+        return label
+
+    @eng.transaction(name="chaos.commit_effect", retries=TX_RETRIES)
+    async def commit_effect(conn: Any, label: str, fail_first: int = 0) -> str:
+        await conn.execute(
+            "INSERT INTO public.chaos_effects (tenant_id, workflow_id, label) "
+            "VALUES ($1, $2, $3)", shardflow.tenant(), shardflow.workflow_id(), label)
+        if fail_first and _fail_now(label, fail_first):
+            await conn.execute("INSERT INTO public.chaos_deferred (parent) VALUES (-1)")
         return label
 
     @eng.step(name="chaos.external", retries=EXT_RETRIES)
@@ -129,21 +156,28 @@ def make_engine(dsns: list[str], *, config: EngineConfig | None = None,
             raise ScriptedFailure(f"gate {path} is closed")
         return label
 
-    @eng.workflow(name=WORKFLOW)
     async def script(ops: list[Any]) -> list[Any]:
         out: list[Any] = []
         for op in ops:
             if op[0] == "ext_gate":
                 out.append(await gate(op[1], op[2]))
+            elif op[0] == "txc":
+                out.append(await commit_effect(op[1], op[2]))
             else:
-                out.append(await _run_op(eng, op, effect, external, script))
+                out.append(await _run_op(eng, op, effect, external))
         return out
 
+    eng.workflow(name=WORKFLOW)(script)
+    if extra:
+        async def extra_script(ops: list[Any]) -> list[Any]:
+            return await script(ops)
+
+        eng.workflow(name=EXTRA_WORKFLOW)(extra_script)
     return eng
 
 
-async def _run_op(eng: Engine, op: list[Any], effect: Any, external: Any,  # noqa: PLR0911
-                  script: Any) -> Any:  # (one return per op: a dispatch)
+async def _run_op(eng: Engine, op: list[Any], effect: Any,  # noqa: PLR0911 (a dispatch)
+                  external: Any) -> Any:
     kind = op[0]
     if kind == "tx":
         return await effect(op[1], op[2])
@@ -156,14 +190,15 @@ async def _run_op(eng: Engine, op: list[Any], effect: Any, external: Any,  # noq
         await shardflow.set_event(op[1], op[2])
         return None
     if kind == "child":
-        child = await eng.start(script, op[2],
+        child = await eng.start(WORKFLOW, op[2],
                                 workflow_id=f"{shardflow.workflow_id()}.k{op[1]}")
         return await child.result()
     if kind == "send":
         await eng.send(op[1], op[2], op[3], op[4])
         return None
     if kind == "fail":
-        raise ScriptedFailure(op[1])
+        # made here, not passed in: a NUL in the inputs would be refused at start
+        raise ScriptedFailure(op[1] + ("\x00" if op[2:] == ["nul"] else ""))
     if kind == "gate":
         # a stat of a local file, not checkpointed on purpose: see the module docstring
         if not os.path.exists(op[1]):  # noqa: ASYNC240
@@ -206,7 +241,7 @@ def expected_output(ops: list[Any]) -> tuple[bool, Any]:
     out: list[Any] = []
     for op in ops:
         kind = op[0]
-        if kind in ("tx", "ext", "ext_gate"):
+        if kind in ("tx", "txc", "ext", "ext_gate"):
             out.append(op[1])
         elif kind == "child":
             known, value = expected_output(op[2])
@@ -223,4 +258,5 @@ def expected_output(ops: list[Any]) -> tuple[bool, Any]:
 
 
 # Built at import when the chaos driver has set the environment (worker processes).
-engine = make_engine(os.environ[DSNS_ENV].split(",")) if DSNS_ENV in os.environ else None
+engine = (make_engine(os.environ[DSNS_ENV].split(","), extra=bool(os.environ.get(EXTRA_ENV)))
+          if DSNS_ENV in os.environ else None)

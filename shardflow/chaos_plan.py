@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .chaos_audit import SendRecord, WfRecord
-from .chaos_flows import LIMITED_QUEUE, WORKFLOW
+from .chaos_flows import EXTRA_WORKFLOW, LIMITED_QUEUE, WORKFLOW
 from .engine import TERMINAL, Engine
 
 KIND_WEIGHTS = {
     "basic": 14, "sleeper": 10, "retry": 10, "fails": 6, "recv": 8, "parent": 6,
-    "timeout": 4, "cancel": 6, "gated": 5, "fork": 5, "limited": 6,
+    "timeout": 4, "cancel": 6, "gated": 5, "fork": 5, "limited": 6, "extra": 5,
 }
 CLIENT_RETRY_S = 60.0  # how long the driver retries a call the faults make fail
 WAIT_S = 180.0  # how long the driver waits for a workflow to reach a point of its script
@@ -63,7 +63,7 @@ def make_plan(seed: int, *, duration: float, rate: float, tenants: int, run: str
         wid = f"{run}-{k:05d}"
         k += 1
         rec = WfRecord(tenant, wid, kind, [], round(t, 3))
-        if kind in ("basic", "limited"):
+        if kind in ("basic", "limited", "extra"):
             rec.ops = _basic_ops(rng, rng.randint(1, 5))
             if kind == "limited":
                 rec.queue = LIMITED_QUEUE
@@ -74,10 +74,11 @@ def make_plan(seed: int, *, duration: float, rate: float, tenants: int, run: str
                 rec.ops += [["sleep", round(rng.uniform(1.1, 1.6), 2)], ["tx", f"t{j + 1}", 0]]
         elif kind == "retry":
             rec.ops = [["ext", "e0", rng.randint(1, 3), 0], ["tx", "t1", rng.randint(1, 2)],
-                       *_basic_ops(rng, rng.randint(0, 2), "b")]
+                       ["txc", "t2", rng.randint(0, 1)], *_basic_ops(rng, rng.randint(0, 2), "b")]
         elif kind == "fails":
-            stop = (["fail", "scripted failure"] if rng.random() < 0.5
-                    else ["ext", "boom", 99, 0])  # fails on every retry
+            stop = rng.choice((["fail", "scripted failure"],
+                               ["fail", "an error jsonb cannot hold", "nul"],
+                               ["ext", "boom", 99, 0]))  # the last fails on every retry
             rec.ops = [["tx", "t0", 0], ["ext", "e1", 0, 0], stop, ["tx", "after", 0]]
         elif kind == "recv":
             rec.ops = [["tx", "t0", 0], ["recv_loop", "inbox"]]
@@ -151,7 +152,8 @@ class Actor:
     async def start(self, rec: WfRecord) -> bool:
         async def call() -> Any:
             try:
-                return await self.eng.start(WORKFLOW, rec.ops, tenant=rec.tenant,
+                name = EXTRA_WORKFLOW if rec.kind == "extra" else WORKFLOW
+                return await self.eng.start(name, rec.ops, tenant=rec.tenant,
                                             workflow_id=rec.workflow_id, queue=rec.queue,
                                             timeout=rec.timeout)
             except Exception:
