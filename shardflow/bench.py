@@ -1254,7 +1254,9 @@ async def _run_async(opts: BenchOptions, spec: ClusterSpec, procs: list[subproce
                 "fetch",
                 "SELECT workflow_id, status, extract(epoch FROM created_at)::float8 AS c, "
                 "extract(epoch FROM finished_at)::float8 AS f FROM shardflow.workflows "
-                f"WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1", pattern)
+                # tombstones of purged workflows (retention) count as purged
+                f"WHERE name = '{WORKFLOW_NAME}' AND workflow_id LIKE $1 "
+                "AND status <> 'purged'", pattern)
             rows += [(r["workflow_id"], r["status"], r["c"], r["f"]) for r in recs]
             per_node[n.spec.name] = dict(Counter(r["status"] for r in recs))
             e = await n.conn.fetchrow(
