@@ -126,6 +126,41 @@ def test_expectations_follow_the_drivers_actions() -> None:
     assert expected_status(timed) == "cancelled"
 
 
+def test_forks_and_cancelled_trees_are_judged_with_their_children() -> None:
+    """A fork of a child must be a new root replaying its prefix; a cancelled parent's
+    parked child must be cancelled, and succeed once the parent is resumed."""
+    h, db = _clean()
+    child_ops = [["tx", "c0", 0], ["ext", "c1", 0, 0], ["tx", "c2", 0]]
+    parent = WfRecord(T, "r-5", "parent", [["child", 0, child_ops]], 0.4, acked=True,
+                      fork_of="r-5.k0", fork_id="r-5.k0.fork", fork_from=1, fork_acked=True)
+    h.add(parent)
+    db.workflows[(T, "r-5")] = WfRow("succeeded", 1, None, [["c0", "c1", "c2"]], 100, 101)
+    db.workflows[(T, "r-5.k0")] = WfRow("succeeded", 1, "r-5", ["c0", "c1", "c2"], 100, 101)
+    db.workflows[(T, "r-5.k0.fork")] = WfRow("succeeded", 1, None, ["c0", "c1", "c2"],
+                                             102, 103)
+    db.effects.update({(T, "r-5.k0", "c0"): 1, (T, "r-5.k0", "c2"): 1,
+                       (T, "r-5.k0.fork", "c2"): 1})
+    assert _failed(audit(h, db)) == {}
+    db.workflows[(T, "r-5.k0.fork")].parent_id = "r-5"
+    db.effects[(T, "r-5.k0.fork", "c0")] = 1  # a replayed step ran again
+    failed = _failed(audit(h, db))
+    assert "parent_id" in failed["i"][0] and "expected 0" in failed["b"][0]
+
+    h, db = _clean()
+    tree = WfRecord(T, "r-6", "cancel", [["child", 0, [["tx", "c0", 0], ["park", "p"],
+                                                       ["tx", "c1", 0]]]], 0.5, acked=True,
+                    cancel_acked=True)
+    h.add(tree)
+    db.workflows[(T, "r-6")] = WfRow("cancelled", 1, None, None, 100, 101)
+    db.workflows[(T, "r-6.k0")] = WfRow("cancelled", 1, "r-6", None, 100, 101)
+    db.effects[(T, "r-6.k0", "c0")] = 1
+    assert _failed(audit(h, db)) == {}
+    tree.resume_acked = tree.go_sent = True  # resumed: both must now succeed
+    failed = _failed(audit(h, db))
+    assert any("r-6.k0: ended cancelled, the script implies succeeded" in v
+               for v in failed["d"]), failed
+
+
 def test_same_seed_same_script() -> None:
     """The plan and the fault schedule are functions of the seed."""
     kw: dict[str, Any] = dict(duration=20, rate=10, tenants=5, run="r", gates=Path("/g"))
