@@ -111,9 +111,22 @@ def _count(xs: Any) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _log_lines(logs: Path) -> dict[str, int]:
+    """Tracebacks and ERROR lines per worker log: not an invariant (a fault makes workers
+    log), but where to look first when one fails."""
+    out: dict[str, int] = {}
+    for f in sorted(logs.glob("worker-*.log")):
+        text = f.read_text(errors="replace")
+        n = text.count("Traceback") + text.count(" ERROR ")
+        if n:
+            out[f.name] = n
+    return out
+
+
 def write(out: Path, result: ChaosResult, command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     s = summary(result)
+    s["worker_log_errors"] = _log_lines(out / "workers")
     (out / "chaos.json").write_text(json.dumps(s, indent=2, default=str) + "\n")
     (out / "history.json").write_text(json.dumps(dataclasses.asdict(result.history),
                                                  default=str) + "\n")
@@ -175,6 +188,8 @@ def write(out: Path, result: ChaosResult, command: str) -> Path:
         f"Machine: {s['machine']}. Settings: `{json.dumps(s['settings']['engine'])}`.",
         "",
         "Command:", "", "```sh", command, "```", "",
+        f"Tracebacks/ERROR lines in the worker logs: {s['worker_log_errors'] or 'none'}.",
+        "",
         "Every figure is in chaos.json; the driver's full history (each workflow's script "
         "and what was done to it) in history.json; worker logs in workers/.",
     ]
