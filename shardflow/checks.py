@@ -70,6 +70,6 @@ def positive(value: object, argument: str) -> float:
     """A finite number > 0 (a rate)."""
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value) or value <= 0 or value > 1e9:
-        raise InvalidArgument(f"{argument} must be a finite number > 0 and <= 1e9, "
+        raise InvalidArgument(f"{argument} must be > 0 (a finite number up to 1e9), "
                               f"got {value!r}")
     return float(value)

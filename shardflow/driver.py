@@ -73,6 +73,9 @@ class Node:
     pool: asyncpg.Pool | None = None
     # one-connection pools for the hot loops of a process (see Driver.fetch's lane)
     lanes: dict[str, asyncpg.Pool] = field(default_factory=dict)
+    # a background call that did not answer within STALL_TIMEOUT, still waiting: while
+    # it waits, the node's other background calls fail at once (see _bounded)
+    stuck: asyncio.Future[Any] | None = None
 
     @property
     def name(self) -> str:
@@ -109,6 +112,33 @@ async def _with_retry(
 # See Driver._create_pool. A transaction step that awaits something else than its
 # connection for longer than this (an HTTP call inside the transaction) is rolled back.
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+
+# A background call that has not answered after this many seconds is given up on (the
+# node stalls: a frozen host, a partition that drops nothing and forwards nothing).
+STALL_TIMEOUT = 10.0
+
+
+async def _bounded(node: Node, op: Callable[[], Awaitable[T]], what: str) -> T:
+    """``op()``, or RetryableDatabaseError after STALL_TIMEOUT without an answer.
+
+    Neither asyncpg's own ``timeout=`` nor ``asyncio.wait_for`` bounds a call on a
+    stalled connection: both wait for the cancellation of the query, which goes over
+    the same stalled network. So the call runs as a task that is left to finish on its
+    own, and the caller goes on: a loop that visits the nodes one after another (the
+    ownership loop, a shard-map refresh) must not stop at one stalled node."""
+    if node.stuck is not None and not node.stuck.done():
+        raise RetryableDatabaseError(f"{what}: node {node.name} has not answered an "
+                                     f"earlier call for over {STALL_TIMEOUT:g}s (stalled?)")
+    task = asyncio.ensure_future(op())
+    done, _ = await asyncio.wait({task}, timeout=STALL_TIMEOUT)
+    if task in done:
+        return task.result()
+    node.stuck = task
+    # its outcome is nobody's now: retrieved so that asyncio does not log it
+    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+    raise RetryableDatabaseError(f"{what}: no answer from node {node.name} within "
+                                 f"{STALL_TIMEOUT:g}s (stalled?)")
+
 
 # Background loops (claims, recovery, ownership) retry briefly: they run again on
 # their next tick, and must not stall other nodes' work behind one unreachable node.
@@ -208,12 +238,15 @@ class Driver:
 
     async def close(self) -> None:
         for node in [*self.nodes.values(), *self.placement_nodes.values()]:
-            for lane in node.lanes.values():
-                await lane.close()
+            for pool in [*node.lanes.values(), *([node.pool] if node.pool else [])]:
+                # a graceful close waits for every connection to come back: one held
+                # by a call to a stalled node never does, so after a while, abort
+                try:
+                    await asyncio.wait_for(asyncio.shield(pool.close()), STALL_TIMEOUT)
+                except TimeoutError:
+                    pool.terminate()
             node.lanes.clear()
-            if node.pool is not None:
-                await node.pool.close()
-                node.pool = None
+            node.pool = None
 
     # -- routing ---------------------------------------------------------------------
 
@@ -237,8 +270,12 @@ class Driver:
         pooled connection."""
         sql = Q[query]
         pool = self.pool(node) if lane is None else await self.lane(node, lane)
-        return await _with_retry(lambda: pool.fetch(sql, *args),
-                                 what=f"{query} on node {node.name}", pool=pool,
+        what = f"{query} on node {node.name}"
+        if patience == BACKGROUND:
+            return await _with_retry(lambda: _bounded(node, lambda: pool.fetch(sql, *args),
+                                                      what),
+                                     what=what, pool=pool, patience=patience)
+        return await _with_retry(lambda: pool.fetch(sql, *args), what=what, pool=pool,
                                  patience=self.patience if patience is None else patience)
 
     async def lane(self, node: Node, lane: str) -> asyncpg.Pool:
@@ -253,15 +290,25 @@ class Driver:
     async def fetchrow(self, node: Node, query: str, *args: Any,
                        patience: float | None = None) -> Record | None:
         sql = Q[query]
-        return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args),
-                                 what=f"{query} on node {node.name}", pool=node.pool,
+        what = f"{query} on node {node.name}"
+        if patience == BACKGROUND:
+            return await _with_retry(
+                lambda: _bounded(node, lambda: self.pool(node).fetchrow(sql, *args), what),
+                what=what, pool=node.pool, patience=patience)
+        return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args), what=what,
+                                 pool=node.pool,
                                  patience=self.patience if patience is None else patience)
 
     async def execute(self, node: Node, query: str, *args: Any,
                       patience: float | None = None) -> str:
         sql = Q[query]
-        return await _with_retry(lambda: self.pool(node).execute(sql, *args),
-                                 what=f"{query} on node {node.name}", pool=node.pool,
+        what = f"{query} on node {node.name}"
+        if patience == BACKGROUND:
+            return await _with_retry(
+                lambda: _bounded(node, lambda: self.pool(node).execute(sql, *args), what),
+                what=what, pool=node.pool, patience=patience)
+        return await _with_retry(lambda: self.pool(node).execute(sql, *args), what=what,
+                                 pool=node.pool,
                                  patience=self.patience if patience is None else patience)
 
     @asynccontextmanager

@@ -71,9 +71,10 @@ class Queue:
         checks.int32(self.priority, f"queue {self.name!r}: priority")
         for field_name in ("concurrency", "tenant_concurrency"):
             v = getattr(self, field_name)
-            if v is not None:
-                checks.int32(v, f"queue {self.name!r}: {field_name} (> 0 or None)",
-                             minimum=1)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                  or not 0 < v <= checks.INT32_MAX):
+                raise InvalidArgument(f"queue {self.name!r}: {field_name} must be > 0 "
+                                      f"(an int up to {checks.INT32_MAX}) or None, got {v!r}")
         if self.rate_per_sec is not None:
             checks.positive(self.rate_per_sec, f"queue {self.name!r}: rate_per_sec")
 

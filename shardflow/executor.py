@@ -139,8 +139,12 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, *runs, return_exceptions=True)
         for conn in self._listeners.values():
-            with contextlib.suppress(Exception):
-                await conn.close()
+            # on a stalled node a graceful close would wait for ever: abort after a bit
+            closing = asyncio.ensure_future(conn.close())
+            await asyncio.wait({closing}, timeout=2.0)
+            if not closing.done():
+                conn.terminate()
+            closing.add_done_callback(lambda t: None if t.cancelled() else t.exception())
         # Hand our shards and workflows back at once rather than after the lease expires.
         with contextlib.suppress(ShardflowError):
             await self.ownership.release_all()

@@ -124,9 +124,14 @@ class ShardOwnership:
             need -= len(got)
 
     async def release_all(self) -> None:
+        """Hand every shard back (graceful stop); a node that fails keeps ours until
+        our lease there expires, the others get theirs back at once."""
         for node in self.driver.nodes.values():
-            if self.owned.get(node.name):
-                await self.driver.execute(node, "release_shards",
-                                          sorted(self.owned[node.name]), self.worker_id,
-                                          patience=BACKGROUND)
+            try:
+                if self.owned.get(node.name):
+                    await self.driver.execute(node, "release_shards",
+                                              sorted(self.owned[node.name]), self.worker_id,
+                                              patience=BACKGROUND)
+            except ShardflowError as exc:
+                log.warning("releasing shards on node %s failed: %s", node.name, exc)
             self.owned[node.name] = set()
