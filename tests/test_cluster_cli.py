@@ -17,9 +17,10 @@ import pytest
 from .conftest import make_tempdir
 
 
-def sf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def sf(*args: str, env: dict[str, str] | None = None,
+       cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shardflow.cli", *args], capture_output=True,
-                          text=True, timeout=180, env=env)
+                          text=True, timeout=180, env=env, cwd=cwd)
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess[str], fragment: str) -> None:
@@ -143,3 +144,18 @@ def test_a_dir_the_postgres_user_cannot_reach_still_works(tmp: Path) -> None:
     assert [r["running"] for r in rows] == [True]
     assert sf("cluster", "down", "--dir", d, "--purge").returncode == 0
     assert not data_dir.exists() and not data_dir.parent.parent.exists()
+
+
+def test_cluster_commands_follow_shardflow_cluster(tmp: Path) -> None:
+    """Without --dir, `cluster up|status|down` use the directory of $SHARDFLOW_CLUSTER, as
+    every other command reads that file: up, then shard list, find the same cluster."""
+    env = dict(os.environ, SHARDFLOW_CLUSTER=str(tmp / "c" / "cluster.json"))
+    up = sf("cluster", "up", "--nodes", "1", "--shards", "4", env=env, cwd=tmp)
+    assert up.returncode == 0, up.stderr
+    assert (tmp / "c" / "cluster.json").is_file() and not (tmp / ".shardflow").exists()
+    listed = sf("shard", "list", "--json", env=env, cwd=tmp)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["shard"] for r in json.loads(listed.stdout)] == [0, 1, 2, 3]
+    rows = json.loads(sf("cluster", "status", "--json", env=env, cwd=tmp).stdout)
+    assert [r["running"] for r in rows] == [True]
+    assert sf("cluster", "down", env=env, cwd=tmp).returncode == 0

@@ -39,3 +39,23 @@ def test_lost_connections_are_retryable(exc: BaseException) -> None:
 def test_other_errors_are_not(exc: BaseException) -> None:
     err = translate(exc)
     assert isinstance(err, DatabaseError) and not isinstance(err, RetryableDatabaseError)
+
+
+@pytest.mark.parametrize("exc, line", [
+    (psycopg.OperationalError('connection failed: connection to server at "127.0.0.1", '
+                              "port 1 failed: Connection refused\n\tIs the server running?"),
+     'OperationalError: connection failed: connection to server at "127.0.0.1", port 1 '
+     "failed: Connection refused Is the server running?"),
+    (DatabaseError("node node0:\n  relation does not exist"),
+     "node node0: relation does not exist"),
+    (ValueError("--rate must be > 0, got nan"), "--rate must be > 0, got nan"),
+    (TimeoutError(), "TimeoutError"),
+    (RuntimeError("cannot reach postgresql://app:s3cret@db:5432/x"),
+     "RuntimeError: cannot reach postgresql://app:***@db:5432/x"),
+])
+def test_cli_error_line_is_one_line(exc: BaseException, line: str) -> None:
+    """The CLI's error line: whitespace collapsed (libpq's messages span lines), the
+    type named unless the message is written for users, passwords redacted."""
+    from shardflow.cli import error_line
+
+    assert error_line(exc) == line
