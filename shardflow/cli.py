@@ -336,23 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--nodes", type=_positive_int(MAX_NODES), default=3)
     dm.add_argument("--workflows", type=_positive_int(1_000_000), default=2000)
     dm.add_argument("--tenants", type=_positive_int(100_000), default=50)
-    dm.add_argument("--dir", type=Path, default=None)
+    dm.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     return p
 
 
 def _cluster(args: argparse.Namespace) -> int:
     from .localcluster import LocalCluster
 
-    directory = args.dir
-    if directory is None:
-        # the same rule as every other command's: the directory of $SHARDFLOW_CLUSTER
-        # (if set), else .shardflow; a file of another name is not one that 'up' writes
-        file = clusterfile.default_cluster_file()
-        if file.name != clusterfile.FILE_NAME:
-            raise ClusterError(f"${clusterfile.ENV} names {file}, but a local cluster's "
-                               f"file is DIR/{clusterfile.FILE_NAME}: give --dir DIR")
-        directory = file.parent
-    lc = LocalCluster(directory, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    lc = LocalCluster(clusterfile.local_dir(args.dir),
+                      log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
     if args.cluster_command == "up":
         if args.async_replicas and not (args.ha or args.replicas):
             raise ClusterError("--async-replicas needs --replicas N or --ha")

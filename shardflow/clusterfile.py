@@ -41,6 +41,21 @@ def default_cluster_file() -> Path:
     return resolve(None)
 
 
+def local_dir(directory: Path | str | None = None) -> Path:
+    """The directory of a local cluster (``cluster up|status|down``, ``demo``), which
+    holds its ``cluster.json``: ``directory`` (a ``--dir`` flag) if given, else the
+    directory of the file :func:`resolve` names, so that every command finds the
+    cluster ``up`` made. A ``$SHARDFLOW_CLUSTER`` of another file name is refused: the
+    cluster manager would read and write a file beside it, not it."""
+    if directory is not None and str(directory) != "":
+        return Path(directory)
+    file = resolve(None)
+    if file.name != FILE_NAME:
+        raise ClusterFileError(f"${ENV} names {file}, but a local cluster's file is "
+                               f"DIR/{FILE_NAME}: give --dir DIR")
+    return file.parent
+
+
 def redact(dsn: str) -> str:
     """``dsn`` without its password, for messages and logs (URL or key=value form)."""
     import re

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, context
+from . import __version__, clusterfile, context
 from .engine import Engine
 from .localcluster import LocalCluster
 
@@ -85,7 +85,9 @@ async def _run(engine: Engine, workflows: int, tenants: int, console: Console
 
 def run_demo(*, nodes: int, workflows: int, tenants: int, directory: Path | None,
              console: Console) -> int:
-    lc = LocalCluster(directory, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    # where 'cluster up' would put it: --dir, else beside $SHARDFLOW_CLUSTER, else .shardflow
+    lc = LocalCluster(clusterfile.local_dir(directory),
+                      log=lambda m: console.print(f"[dim]{m}[/dim]"))
     spec = lc.up(nodes) if not lc.file.exists() else lc.up()
     console.print(f"cluster: {len(spec.nodes)} nodes, {spec.shard_map.shard_count} shards "
                   f"({lc.file})")
