@@ -49,6 +49,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -187,6 +188,11 @@ class BenchOptions:
                                  "--concurrency), not with --locust-users")
         if self.peer not in (None, "dbos"):
             raise ValueError(f"--peer: the only peer is 'dbos', got {self.peer!r}")
+        if self.scenario is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}",
+                                                          self.scenario):
+            # it names the report directory: no '/', no '..', nothing hidden
+            raise ValueError(f"--scenario must be letters, digits, '_', '.', '-' (at most "
+                             f"100, not starting with '.' or '-'), got {self.scenario[:40]!r}")
         if self.backlog and (self.peer is not None or self.retention is not None
                              or self.locust_users is not None):
             # the peer would run without the backlog (not the same workload), retention
@@ -1959,6 +1965,19 @@ def engine_config_json(text: str) -> dict[str, Any]:
     return dict(data)
 
 
+def check_output_paths(results_dir: Path, json_path: Path | None) -> None:
+    """Where the report and ``--json`` go must be usable before the run, not found
+    unusable after it (when the run's figures would be lost)."""
+    for d in (results_dir, *Path(results_dir).parents):
+        if d.exists():
+            if not d.is_dir():
+                raise ValueError(f"--results-dir {results_dir}: {d} is not a directory")
+            break
+    if json_path is not None and (Path(json_path).is_dir()
+                                  or not Path(json_path).parent.is_dir()):
+        raise ValueError(f"--json {json_path}: not a file in an existing directory")
+
+
 def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
     """The bench's command line: every error is one line and exit 2, bad input before
@@ -1969,9 +1988,12 @@ def main(argv: list[str] | None = None,
         opts = parse_args(argv)
         if opts.peer == "dbos" and importlib.util.find_spec("dbos") is None:
             raise ValueError("--peer dbos needs DBOS Transact: pip install 'shardflow[peer]'")
+        if opts.locust_users is not None and importlib.util.find_spec("locust") is None:
+            raise ValueError("--locust-users needs locust: pip install locust")
         if not Path(opts.cluster_file).is_file():
             raise ValueError(f"--cluster-file {opts.cluster_file} does not exist (start a "
                              f"cluster with 'shardflow cluster up')")
+        check_output_paths(opts.results_dir, opts.json_path)
         result = run_bench(opts, console_factory())
         return 0 if result["audit"]["ok"] else 1
 

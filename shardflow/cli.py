@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,6 +87,14 @@ class OneLineParser(argparse.ArgumentParser):
     argparse's default prints the whole usage first (for the bench, 25 lines)."""
 
     error_prog: str | None = None  # PROG, when not the parser's own prog
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes only -5 and -.5 for negative numbers, so '--rate -inf' or
+        # 'retention set -1e3' came out as "expected one argument": values reach the
+        # range checks, which say what is wrong with them
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.error_prog or self.prog}: error: {' '.join(message.split())}\n")
@@ -568,8 +577,6 @@ def _tenants(args: argparse.Namespace) -> int:
 
 
 def _grant(args: argparse.Namespace) -> int:
-    import re
-
     from .errors import InvalidArgument
     from .routing import validate_tenant
 

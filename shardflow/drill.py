@@ -44,7 +44,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import clusterfile, ha
-from .bench import BenchOptions, FaultContext, engine_config_json, pyplot, run_bench
+from .bench import (
+    BenchOptions,
+    FaultContext,
+    check_output_paths,
+    engine_config_json,
+    pyplot,
+    run_bench,
+)
 from .clusterfile import ClusterSpec, NodeSpec
 from .config import EngineConfig, check_number
 from .driver import dsn_for_server
@@ -561,6 +568,7 @@ def main(argv: list[str] | None = None,
         if not Path(args.cluster_file).is_file():
             raise ValueError(f"--cluster-file {args.cluster_file} does not exist (start a "
                              "cluster with 'shardflow cluster up')")
+        check_output_paths(Path(args.results_dir), args.json)
         summary = run_drill(args, console_factory())
         return 0 if summary["integrity_ok"] else 1
 

@@ -320,6 +320,8 @@ def test_bench_engine_config_names_the_field(dead: Path, tmp_path: Path, config:
     (["retention", "set", "inf"], "retention seconds must be >= 0"),
     (["retention", "set", "1e300"], "retention seconds must be >= 0"),
     (["retention", "set", "nan"], "retention seconds must be >= 0"),
+    (["retention", "set", "-inf"], "retention seconds must be >= 0"),  # not "required"
+    (["bench", "--rate", "-1e3"], "--rate must be > 0"),
     (["shard", "move", "1", "--to", "node1", "--lock-timeout", "nan"], "--lock-timeout"),
     (["shard", "move", "1", "--to", "node1", "--lock-timeout", "inf"], "--lock-timeout"),
     (["shard", "move", str(2**40), "--to", "node1"], "argument shard"),
@@ -361,6 +363,19 @@ def test_drill_network_writes_nothing_before_checking(dead: Path, tmp_path: Path
     one_line_error(run("drill", "network", "--cluster-file", str(dead), "--results-dir",
                        str(results), *argv), fragment)
     assert not results.exists() or not list(results.glob(".drill-network-*"))
+
+
+def test_bench_checks_where_it_writes_before_the_run(dead: Path, tmp_path: Path) -> None:
+    """A report directory under a file, a --json in no directory, a --scenario that
+    climbs out of --results-dir: refused before any node is reached."""
+    (tmp_path / "file").write_text("")
+    for argv, fragment in (
+            (["--results-dir", str(tmp_path / "file" / "r")], "is not a directory"),
+            (["--json", str(tmp_path / "no" / "x.json")], "--json"),
+            (["--scenario", "../../escaped", "--results-dir", str(tmp_path / "r")],
+             "--scenario must be")):
+        one_line_error(run("bench", "--cluster-file", str(dead), *argv), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead.json", "file"]
 
 
 # -- 6: one cluster-file rule ------------------------------------------------------------
