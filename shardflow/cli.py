@@ -128,7 +128,7 @@ def _when(flag: str) -> Callable[[str], dt.datetime]:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
     def parse(text: str) -> dt.datetime:
-        if text and text[-1] in units and text[:-1].isdigit():
+        if text and text[-1] in units and text[:-1].isdigit() and text.isascii():
             try:
                 return dt.datetime.now(dt.UTC) - dt.timedelta(
                     seconds=int(text[:-1]) * units[text[-1]])

@@ -5,7 +5,7 @@ or SIGINT, then stops gracefully (its workflows are handed back at once). The pa
 supervises: it forwards signals and exits when the children have. The processes run as
 one: if one exits on its own (an error, a kill), the parent stops the others and fails
 with one line saying which and why, instead of running on at a fraction of its capacity
-unnoticed. What can be checked before forking is (the target, the metrics ports).
+unnoticed. The target and the metrics ports are checked before anything is forked.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _supervise(target: str, processes: int, metrics_port: int | None, errors: Pa
     for c in children:
         c.wait()
     err = errors / f"{i}.err"
-    why = (err.read_text().strip() if err.exists() else
+    why = (err.read_text(encoding="utf-8").strip() if err.exists() else
            f"killed by signal {-dead.returncode}" if dead.returncode < 0 else
            f"exited with code {dead.returncode}")
     raise ShardflowError(f"worker process {i} (pid {dead.pid}): {why}; stopped the other "
@@ -175,7 +175,7 @@ def _main(argv: list[str]) -> int:
         line = error_line(exc)
         report = os.environ.get(ERROR_FILE_ENV)
         if report:
-            Path(report).write_text(line + "\n")
+            Path(report).write_text(line + "\n", encoding="utf-8")
         else:
             print(f"shardflow worker: error: {line}", file=sys.stderr, flush=True)
         return 2
