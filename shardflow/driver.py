@@ -268,14 +268,22 @@ class Driver:
         their plan, made once per connection, costs tens of milliseconds to make (and
         to remake after autovacuum touches a partition) — once per lane, not once per
         pooled connection."""
-        sql = Q[query]
         pool = self.pool(node) if lane is None else await self.lane(node, lane)
+        rows: list[Record] = await self._run(node, pool, "fetch", query, args, patience)
+        return rows
+
+    async def _run(self, node: Node, pool: asyncpg.Pool, method: str, query: str,
+                   args: tuple[Any, ...], patience: float | None) -> Any:
+        """``pool.<method>(query, *args)``, retried for ``patience`` seconds (the
+        driver's default when None); a background call (patience BACKGROUND) is also
+        bounded in time (see _bounded)."""
+        sql = Q[query]
         what = f"{query} on node {node.name}"
+        call = getattr(pool, method)
         if patience == BACKGROUND:
-            return await _with_retry(lambda: _bounded(node, lambda: pool.fetch(sql, *args),
-                                                      what),
+            return await _with_retry(lambda: _bounded(node, lambda: call(sql, *args), what),
                                      what=what, pool=pool, patience=patience)
-        return await _with_retry(lambda: pool.fetch(sql, *args), what=what, pool=pool,
+        return await _with_retry(lambda: call(sql, *args), what=what, pool=pool,
                                  patience=self.patience if patience is None else patience)
 
     async def lane(self, node: Node, lane: str) -> asyncpg.Pool:
@@ -289,27 +297,11 @@ class Driver:
 
     async def fetchrow(self, node: Node, query: str, *args: Any,
                        patience: float | None = None) -> Record | None:
-        sql = Q[query]
-        what = f"{query} on node {node.name}"
-        if patience == BACKGROUND:
-            return await _with_retry(
-                lambda: _bounded(node, lambda: self.pool(node).fetchrow(sql, *args), what),
-                what=what, pool=node.pool, patience=patience)
-        return await _with_retry(lambda: self.pool(node).fetchrow(sql, *args), what=what,
-                                 pool=node.pool,
-                                 patience=self.patience if patience is None else patience)
+        return await self._run(node, self.pool(node), "fetchrow", query, args, patience)
 
     async def execute(self, node: Node, query: str, *args: Any,
                       patience: float | None = None) -> str:
-        sql = Q[query]
-        what = f"{query} on node {node.name}"
-        if patience == BACKGROUND:
-            return await _with_retry(
-                lambda: _bounded(node, lambda: self.pool(node).execute(sql, *args), what),
-                what=what, pool=node.pool, patience=patience)
-        return await _with_retry(lambda: self.pool(node).execute(sql, *args), what=what,
-                                 pool=node.pool,
-                                 patience=self.patience if patience is None else patience)
+        return str(await self._run(node, self.pool(node), "execute", query, args, patience))
 
     @asynccontextmanager
     async def transaction(self, node: Node) -> AsyncIterator[asyncpg.Connection]:
