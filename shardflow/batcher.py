@@ -410,7 +410,13 @@ class TxBatcher:
                     return list(outcomes)
                 except _StepFailed as sf:
                     failed[sf.index] = sf.error
-                    await tr.rollback()
+                    with contextlib.suppress(*DRIVER_ERRORS):
+                        await tr.rollback()
+                    if conn.is_closed():
+                        # the connection died under the step (a restart, a dropped
+                        # link): not the step's fault; the group again, by its callers
+                        raise translate(sf.error, context=f"transaction group on node "
+                                                          f"{self.node.name}") from None
                     continue
                 except BaseException as exc:
                     if not conn.is_closed():
@@ -434,9 +440,9 @@ class TxBatcher:
             # of the failure is fenced)
             return TxOutcome("error", error=known)
         tr = conn.transaction()
-        await tr.start()
         stage = "engine"
         try:
+            await tr.start()
             # careful: a step that left the transaction aborted is named by its
             # savepoint's RELEASE, not blamed on the engine's checkpoint after it
             outcome = (await self._in_transaction(conn, [op], True, {}))[0]
@@ -444,7 +450,8 @@ class TxBatcher:
             await tr.commit()
             return outcome
         except _StepFailed as sf:
-            await tr.rollback()
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await tr.rollback()
             return TxOutcome("error", error=sf.error)
         except Exception as exc:
             if stage != "commit" and not conn.is_closed():

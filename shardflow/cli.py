@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, clusterfile
+from .checks import MAX_RETENTION_SECONDS
 from .clusterfile import NodeSpec
 from .config import INT32_MAX, number_problem
 from .errors import ClusterError, ShardflowError, translate
@@ -626,7 +627,7 @@ def _retention(args: argparse.Namespace) -> int:
     if args.retention_command == "set":
         # inf would be stored, then fail every purge of every worker forever; the
         # bound is Engine.set_retention's (100 years); 'retention clear' keeps forever
-        problem = number_problem(args.seconds, low=0, high=100 * 366 * 86400)
+        problem = number_problem(args.seconds, low=0, high=MAX_RETENTION_SECONDS)
         if problem:
             raise InvalidArgument(f"retention seconds {problem} ('shardflow retention "
                                   "clear' keeps finished workflows forever)")

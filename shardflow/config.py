@@ -109,8 +109,10 @@ class EngineConfig:
     1,000,000 bytes."""
 
     max_attempts: int = 20
-    """Claims of one workflow (crash recoveries included) before it is moved to the
-    dead-letter status ``dead``. Defaults to 20."""
+    """Runs of one workflow that may be lost (its worker died, its run crashed or was
+    handed back) before it is moved to the dead-letter status ``dead``. A run that
+    parks itself (a durable sleep or recv past ``suspend_after``, a graceful stop)
+    gives its attempt back: waiting and messages never count. Defaults to 20."""
 
     suspend_after: float = 5.0
     """A durable sleep or recv wait longer than this many seconds releases the workflow

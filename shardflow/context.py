@@ -451,7 +451,9 @@ class WorkflowContext:
             return
         # The idempotency key makes a re-run of this send (after a crash between the
         # message insert and the checkpoint) insert nothing the second time.
-        key = f"{self.tenant}/{self.workflow_id}/{seq}"
+        # length-prefixed: tenants may contain '/', and ('a/b', 'c') must not make
+        # the same key as ('a', 'b/c')
+        key = f"{len(self.tenant)}:{self.tenant}/{self.workflow_id}/{seq}"
         await self.engine.send(tenant, workflow_id, topic, message, idempotency_key=key,
                                _from_workflow=True)
         await self._finish_step(seq, f"send:{topic}", "send", "done", "null", None)

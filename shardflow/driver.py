@@ -73,9 +73,6 @@ class Node:
     pool: asyncpg.Pool | None = None
     # one-connection pools for the hot loops of a process (see Driver.fetch's lane)
     lanes: dict[str, asyncpg.Pool] = field(default_factory=dict)
-    # a background call that did not answer within STALL_TIMEOUT, still waiting: while
-    # it waits, the node's other background calls fail at once (see _bounded)
-    stuck: asyncio.Future[Any] | None = None
 
     @property
     def name(self) -> str:
@@ -118,22 +115,35 @@ IDLE_IN_TRANSACTION_TIMEOUT = "60s"
 STALL_TIMEOUT = 10.0
 
 
-async def _bounded(node: Node, op: Callable[[], Awaitable[T]], what: str) -> T:
-    """``op()``, or RetryableDatabaseError after STALL_TIMEOUT without an answer.
+async def _bounded(node: Node, pool: asyncpg.Pool, method: str, sql: str,
+                   args: tuple[Any, ...], what: str) -> Any:
+    """``conn.<method>(sql, *args)`` on a connection of ``pool``, or
+    RetryableDatabaseError after STALL_TIMEOUT without an answer.
 
     Neither asyncpg's own ``timeout=`` nor ``asyncio.wait_for`` bounds a call on a
     stalled connection: both wait for the cancellation of the query, which goes over
-    the same stalled network. So the call runs as a task that is left to finish on its
-    own, and the caller goes on: a loop that visits the nodes one after another (the
-    ownership loop, a shard-map refresh) must not stop at one stalled node."""
-    if node.stuck is not None and not node.stuck.done():
-        raise RetryableDatabaseError(f"{what}: node {node.name} has not answered an "
-                                     f"earlier call for over {STALL_TIMEOUT:g}s (stalled?)")
-    task = asyncio.ensure_future(op())
-    done, _ = await asyncio.wait({task}, timeout=STALL_TIMEOUT)
+    the same stalled network. So the call runs as a task, and when it has not answered
+    in time its connection is terminated (closed on our side, no goodbye), which ends
+    the task and gives the pool its slot back; the caller goes on: a loop that visits
+    the nodes one after another (the ownership loop, a shard-map refresh) must not stop
+    at one stalled node."""
+    held: list[asyncpg.Connection] = []
+
+    async def call() -> Any:
+        async with pool.acquire() as conn:
+            held.append(conn)
+            return await getattr(conn, method)(sql, *args)
+
+    task = asyncio.ensure_future(call())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=STALL_TIMEOUT)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     if task in done:
         return task.result()
-    node.stuck = task
+    for conn in held:
+        conn.terminate()
     # its outcome is nobody's now: retrieved so that asyncio does not log it
     task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     raise RetryableDatabaseError(f"{what}: no answer from node {node.name} within "
@@ -183,12 +193,16 @@ class Driver:
             # how recovery recognises the sessions of a worker that froze (SIGSTOP, a
             # paused VM) inside a transaction and ends them: see end_frozen_sessions
             "application_name": self.application_name,
-            # the backstop for any other frozen client holding row locks (a send, a
-            # transaction step): its transaction is rolled back after a minute idle,
-            # rather than blocking that workflow's checkpoints, sends and cancels
-            # for as long as the process stays frozen
-            "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
         }
+        if not user_code:
+            # the backstop for any other frozen client holding row locks (a send, a
+            # transaction step run alone): its transaction is rolled back after a
+            # minute idle, rather than blocking that workflow's checkpoints, sends and
+            # cancels for as long as the process stays frozen. Not on the lane of
+            # grouped transaction steps: one slow step there would kill its whole
+            # group, again and again (a worker's own frozen sessions are ended by the
+            # others' recovery, see end_frozen_sessions)
+            settings["idle_in_transaction_session_timeout"] = IDLE_IN_TRANSACTION_TIMEOUT
         if not user_code:
             # shardflow's own statements are planned for their values, every time: a
             # cached generic plan is made once, from the statistics of that moment, and
@@ -281,7 +295,7 @@ class Driver:
         what = f"{query} on node {node.name}"
         call = getattr(pool, method)
         if patience == BACKGROUND:
-            return await _with_retry(lambda: _bounded(node, lambda: call(sql, *args), what),
+            return await _with_retry(lambda: _bounded(node, pool, method, sql, args, what),
                                      what=what, pool=pool, patience=patience)
         return await _with_retry(lambda: call(sql, *args), what=what, pool=pool,
                                  patience=self.patience if patience is None else patience)

@@ -172,7 +172,8 @@ class Engine:
         self.config = config or EngineConfig()
         # this engine's connections carry it as application_name ('shardflow worker
         # <tag>' when it runs workers): recovery ends the sessions a frozen worker left
-        # in a transaction (see end_frozen_sessions in sql/queries.sql)
+        # in a transaction (see end_frozen_sessions in sql/queries.sql). Made again at
+        # open(): processes forked from one Engine object must not share it.
         self.instance_tag = uuid.uuid4().hex[:12]
         self.run_workers = run_workers
         self._dsns = list(dsns) if dsns is not None else None
@@ -355,6 +356,7 @@ class Engine:
     async def open(self) -> None:
         if self._opened:
             return
+        self.instance_tag = uuid.uuid4().hex[:12]
         nodes, shard_map = await asyncio.to_thread(self._discover)
         self.shard_map = shard_map
         self.driver = Driver(nodes, shard_map, pool_size=self.config.pool_size,
@@ -468,7 +470,8 @@ class Engine:
         key = "*" if tenant is None else validate_tenant(tenant)
         if seconds is not None:
             # inf would be stored, then fail every purge forever (an interval of inf)
-            seconds = checks.seconds(seconds, "retention seconds")
+            seconds = checks.seconds(seconds, "retention seconds",
+                                      maximum=checks.MAX_RETENTION_SECONDS)
         window = None
         if idempotency_window is not None:
             if seconds is None:

@@ -447,8 +447,11 @@ class Worker:
         if self._claims_inflight:
             return
         begun = self._claims_begun
+        # every shard of the node, not only ours: a claim in another worker's shard
+        # (see _claim_foreign) can lose its reply too
         rows = await self.engine.driver.fetch(node, "my_running", self.worker_id,
-                                              self.shards_of(node), patience=BACKGROUND)
+                                              self.engine.shard_map.shards_of(node.name),
+                                              patience=BACKGROUND)
         if self._claims_inflight or self._claims_begun != begun:
             return
         for r in rows:

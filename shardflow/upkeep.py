@@ -109,9 +109,12 @@ class NodeUpkeep:
         lock can be recovered (next pass) and sent to and cancelled."""
         self._ticks += 1
         node, w = self.node, self.w
+        # these two also where we own no shard (all of them another worker's): we
+        # claim there the workflows their owners lack
         if self._ticks % 4 == 1 and not w.engine.citus:
-            # also where we own no shard: those are all another worker's
             await w.find_foreign_work(node)
+        if self._ticks % 10 == 0:
+            await w.reconcile(node)
         shards = w.shards_of(node)
         if not shards:
             return
@@ -125,16 +128,7 @@ class NodeUpkeep:
             w.engine.metrics["recovered"] += len(rows)
             log.info("recovered %d workflow(s) on node %s", len(rows), node.name)
             w.work_found(node, {r["shard_id"] for r in rows})
-        if not citus:
-            row = await self.driver.fetchrow(
-                node, "end_frozen_sessions", [worker_tag(x) for x in live],
-                self.cfg.lease_timeout, patience=BACKGROUND)
-            if row is not None and row["ended"]:
-                w.engine.metrics["frozen_sessions_ended"] += int(row["ended"])
-                log.warning("ended %d session(s) of stopped workers left in a "
-                            "transaction on node %s", row["ended"], node.name)
         if self._ticks % 10 == 0:
-            await w.reconcile(node)
             row = await self.driver.fetchrow(node, "backlog_pending", shards,
                                              patience=BACKGROUND)
             w.backlog[node.name] = int(row["n"]) if row else 0
@@ -144,6 +138,19 @@ class NodeUpkeep:
             await self.driver.execute(node, "mark_unrunnable", shards, names,
                                       patience=BACKGROUND)
             await self.driver.execute(node, "prune_workers", patience=BACKGROUND)
+        if not citus:
+            # last, and on its own: whatever it meets must not stop the rest above
+            try:
+                row = await self.driver.fetchrow(
+                    node, "end_frozen_sessions", [worker_tag(x) for x in live],
+                    self.cfg.lease_timeout, patience=BACKGROUND)
+            except ShardflowError as exc:
+                log.warning("ending frozen sessions on node %s failed: %s", node.name, exc)
+                return
+            if row is not None and row["ended"]:
+                w.engine.metrics["frozen_sessions_ended"] += int(row["ended"])
+                log.warning("ended %d session(s) of stopped workers left in a "
+                            "transaction on node %s", row["ended"], node.name)
 
     # -- schedules -------------------------------------------------------------------
 
@@ -251,6 +258,10 @@ class HeartbeatThread(threading.Thread):
                 self.node.spec.dsn, autocommit=True, connect_timeout=2,
                 cursor_factory=psycopg.RawCursor,
                 options=f"-c statement_timeout={ms}",
+                # a host that died with our statement in flight: the socket errors
+                # instead of waiting for ever (a stall of one node only holds its thread)
+                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                tcp_user_timeout=max(ms, 1000),
                 application_name=f"shardflow heartbeat {worker_tag(w.worker_id)}")
         conn.execute(Q["heartbeat"], (w.worker_id, socket.gethostname(), os.getpid(),
                                       w.engine.workflow_names, w.cfg.lease_timeout))

@@ -112,7 +112,7 @@ async def test_a_sending_workflow_rerun_after_a_crash_sends_once(db: PerTestDB) 
         h = await eng.start(receiver, tenant="acme", workflow_id="rcv")
         # what the first run of the sender committed before it was killed: its message,
         # under the key of its position 0
-        await eng.send("acme", "rcv", "t", "hello", idempotency_key="acme/snd/0")
+        await eng.send("acme", "rcv", "t", "hello", idempotency_key="4:acme/snd/0")
         for _ in range(200):
             steps = await eng.steps("acme", "rcv")
             if any(s["kind"] == "recv" and s["status"] == "done" for s in steps):
@@ -463,3 +463,121 @@ async def test_a_start_retried_after_retention_purged_the_workflow_runs_nothing(
             timeout=30) == "paid"
         assert {r["tenant_id"]: r["idempotency_seconds"] for r in await eng.retention()} \
             == {"*": 0.0}
+
+
+async def test_resume_reruns_only_the_step_that_ended_the_run(db: PerTestDB) -> None:
+    """A failed step the workflow caught and went on from stays history: resume re-runs
+    only the failure that ended the run (else the replay branches differently)."""
+    eng = db.engine()
+    state = {"flaky_fails": True, "final_fails": True}
+
+    @eng.step()
+    async def flaky() -> str:
+        if state["flaky_fails"]:
+            raise ValueError("flaky")
+        return "flaky ok"
+
+    @eng.step()
+    async def fallback() -> str:
+        return "fallback"
+
+    @eng.step()
+    async def final() -> str:
+        if state["final_fails"]:
+            raise ValueError("final")
+        return "final ok"
+
+    @eng.workflow()
+    async def wf() -> list[str]:
+        try:
+            first = await flaky()
+        except shardflow.StepError:
+            first = await fallback()
+        return [first, await final()]
+
+    async with eng:
+        h = await eng.start(wf, tenant="acme", workflow_id="rr")
+        with pytest.raises(WorkflowFailed, match="final"):
+            await h.result(timeout=30)
+        state.update(flaky_fails=False, final_fails=False)
+        await eng.resume("acme", "rr")
+        assert await h.result(timeout=30) == ["fallback", "final ok"]
+
+
+async def test_resume_leaves_children_cancelled_for_their_own_reasons(
+        db: PerTestDB) -> None:
+    """Resuming a cancelled parent resumes the children its cancel took with it, not
+    a child that timed out on its own deadline before."""
+    db.run_all(EFFECTS_DDL)
+    eng = db.engine()
+
+    @eng.transaction()
+    async def mark(conn: Any) -> None:
+        await conn.execute("INSERT INTO public.effects (tenant_id, workflow_id, what) "
+                           "VALUES ($1, $2, 'ran')", shardflow.tenant(),
+                           shardflow.workflow_id())
+
+    @eng.workflow(name="slowkid")
+    async def slowkid() -> str:
+        await shardflow.sleep(0.5)
+        await mark()
+        return "late"
+
+    @eng.workflow(name="waiter")
+    async def waiter() -> Any:
+        return await shardflow.recv("go", timeout=60)
+
+    @eng.workflow(name="mom")
+    async def mom() -> list[Any]:
+        out = []
+        try:
+            await (await eng.start(slowkid, workflow_id="timed", timeout=0.2)).result()
+        except WorkflowFailed as exc:
+            out.append(exc.status)
+        out.append(await (await eng.start(waiter, workflow_id="w")).result())
+        return out
+
+    async with eng:
+        h = await eng.start(mom, tenant="acme", workflow_id="mom")
+        for _ in range(200):
+            if any(r["workflow_id"] == "w" for r in await eng.list_workflows(tenant="acme")):
+                break
+            await asyncio.sleep(0.05)
+        assert (await eng.get_info("acme", "timed"))["status"] == "cancelled"
+        assert sorted(await eng.cancel("acme", "mom")) == ["mom", "w"]
+        await eng.resume("acme", "mom")
+        await eng.send("acme", "w", "go", "went")
+        assert await h.result(timeout=30) == ["cancelled", "went"]
+        await asyncio.sleep(1.0)
+        assert (await eng.get_info("acme", "timed"))["status"] == "cancelled"
+    assert db.scalar("acme", "SELECT count(*) FROM public.effects "
+                             "WHERE workflow_id = 'timed'") == 0
+
+
+async def test_a_claim_in_another_workers_shard_whose_reply_was_lost_is_handed_back(
+        db: PerTestDB) -> None:
+    """A worker's claim that committed while its reply was lost leaves the workflow
+    'running' under its live lease; its reconciliation hands it back also in shards
+    another worker owns (where it claims workflows that worker lacks)."""
+    a, b = db.engine(), db.engine()
+
+    @a.workflow(name="job")
+    async def job_a() -> str:
+        return "a"
+
+    @b.workflow(name="job")
+    async def job_b() -> str:
+        return "b"
+
+    async with a, b:
+        await asyncio.sleep(1.0)
+        owned_by_a = a._worker.ownership.owned
+        tenant = next(t for t in (f"lr-{i}" for i in range(500))
+                      if a.shard_map.shard(t) in owned_by_a.get(db.node_of_tenant(t), ()))
+        h = await a.start("job", tenant=tenant, workflow_id="lost", delay=3600)
+        # what a claim by b that committed (and whose reply was lost) left behind
+        with db.tenant_conn(tenant) as conn:
+            conn.execute("UPDATE shardflow.workflows SET status = 'running', owner = %s, "
+                         "fence = fence + 1, attempts = attempts + 1, ready_at = now() "
+                         "WHERE workflow_id = 'lost'", (b._worker.worker_id,))
+        assert await h.result(timeout=30) in ("a", "b")

@@ -141,7 +141,7 @@ RETURNING w.tenant_id, w.workflow_id, w.shard_id, w.owner;
 -- checkpoints had not committed) and, fenced out, it cannot write when it wakes up.
 SELECT count(pg_terminate_backend(a.pid)) AS ended
   FROM pg_stat_activity a
- WHERE a.datname = current_database()
+ WHERE a.datname = current_database() AND a.usename = current_user
    AND a.application_name LIKE 'shardflow worker %'
    AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
    AND a.state_change < now() - make_interval(secs => $2::float8)
@@ -406,18 +406,22 @@ WITH RECURSIVE tree AS (
 )
 UPDATE shardflow.workflows w
    SET status = 'cancelled', error = $4::jsonb, owner = NULL, finished_at = now(),
-       updated_at = now()
+       updated_at = now(),
+       -- the descendants say whose cancel took them: resume_tree resumes only those
+       reason = CASE WHEN w.workflow_id = $3 THEN w.reason
+                     ELSE 'cancelled with ' || $3 END
   FROM tree
  WHERE w.tenant_id = $1 AND w.shard_id = $2 AND w.workflow_id = tree.workflow_id
    AND w.status IN ('pending', 'running')
 RETURNING w.workflow_id;
 
 -- name: resume_tree
--- Resume workflow $3 (cancelled, failed or dead) and, recursively, its children that
--- were cancelled (a cancel cascades to the whole tree: a resumed parent would wait
--- forever on children left cancelled). A deadline that has passed ($4, now as epoch
--- seconds) is dropped, else the old deadline would cancel the workflow again at once;
--- one still ahead is kept.
+-- Resume workflow $3 (cancelled, failed or dead) and, recursively, its descendants
+-- that the cancel of $3 took with it (a cancel cascades to the whole tree: a resumed
+-- parent would wait forever on children left cancelled; children cancelled for their
+-- own reasons, their own deadline or a cancel of their own, stay cancelled). A
+-- deadline that has passed ($4, now as epoch seconds) is dropped, else the old
+-- deadline would cancel the workflow again at once; one still ahead is kept.
 WITH RECURSIVE tree AS (
     SELECT workflow_id FROM shardflow.workflows
      WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
@@ -425,6 +429,7 @@ WITH RECURSIVE tree AS (
     UNION
     SELECT c.workflow_id FROM shardflow.workflows c JOIN tree t ON c.parent_id = t.workflow_id
      WHERE c.tenant_id = $1 AND c.shard_id = $2 AND c.status = 'cancelled'
+       AND c.reason = 'cancelled with ' || $3
 )
 UPDATE shardflow.workflows w
    SET status = 'pending', owner = NULL, ready_at = now(), finished_at = NULL,
@@ -437,20 +442,29 @@ UPDATE shardflow.workflows w
 RETURNING w.workflow_id;
 
 -- name: resume_failed_steps
--- The failed steps of the resumed workflows $3 run again: replaying the recorded
--- error would fail them forever, also once the outage that failed them is over. An
--- external step goes back to 'started', so its next run counts as a re-run
--- (steps.attempts); a failed transaction step's row goes (its writes never committed).
-WITH redo AS (
-    UPDATE shardflow.steps
+-- The failed step that ended each resumed workflow ($3) runs again: replaying its
+-- recorded error would fail it forever, also once the outage that failed it is over.
+-- Only the last recorded position: a failed step the workflow caught and went on from
+-- is history its code branched on, and re-running it would change that history
+-- (NonDeterminismError). An external step goes back to 'started', so its next run
+-- counts as a re-run (steps.attempts); a failed transaction step's row goes (its writes
+-- never committed).
+WITH last AS (
+    SELECT s.workflow_id, max(s.seq) AS seq FROM shardflow.steps s
+     WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = ANY($3::text[])
+     GROUP BY s.workflow_id
+), redo AS (
+    UPDATE shardflow.steps s
        SET status = 'started', error = NULL, finished_at = NULL
-     WHERE tenant_id = $1 AND shard_id = $2 AND workflow_id = ANY($3::text[])
-       AND kind = 'step' AND status = 'error'
+      FROM last
+     WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = last.workflow_id
+       AND s.seq = last.seq AND s.kind = 'step' AND s.status = 'error'
     RETURNING 1
 )
-DELETE FROM shardflow.steps
- WHERE tenant_id = $1 AND shard_id = $2 AND workflow_id = ANY($3::text[])
-   AND kind = 'transaction' AND status = 'error';
+DELETE FROM shardflow.steps s
+ USING last
+ WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = last.workflow_id
+   AND s.seq = last.seq AND s.kind = 'transaction' AND s.status = 'error';
 
 -- name: fork_workflow
 -- Copy workflow $3 as $4 with the checkpoints of steps before $5. A fork is a new root
@@ -463,7 +477,7 @@ WITH src AS (
     SELECT tenant_id, shard_id, $4, name, queue, priority, inputs, NULL, max_attempts,
            'forked from ' || workflow_id || ' at step ' || $5::int
       FROM shardflow.workflows
-     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2
+     WHERE tenant_id = $1 AND workflow_id = $3 AND shard_id = $2 AND status <> 'purged'
     ON CONFLICT DO NOTHING
     RETURNING workflow_id
 ), copied AS (
