@@ -559,7 +559,7 @@ def _prepare_node(node: NodeSpec, clean: bool, effects_ddl: str) -> None:
     once-a-second poll scans only this run's rows, and the cleanup's WAL and vacuum work
     happen before the measured window, not inside it. The bench's first contact with
     each node: one that cannot be reached fails the run here, named."""
-    from .cli import connect_node
+    from .cliutil import connect_node
 
     with connect_node(node) as conn:
         conn.execute(effects_ddl)
@@ -1889,7 +1889,7 @@ def _print_summary(console: Console, summary: dict[str, Any], audit: dict[str, A
 
 
 def parse_args(argv: list[str] | None = None) -> BenchOptions:
-    from .cli import CLUSTER_HELP, OneLineParser
+    from .cliutil import CLUSTER_HELP, OneLineParser
 
     p = OneLineParser(prog="shardflow bench", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1982,7 +1982,7 @@ def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
     """The bench's command line: every error is one line and exit 2, bad input before
     anything starts, a failure during the run (a node, a worker process) at once."""
-    from .cli import guarded
+    from .cliutil import guarded
 
     def run() -> int:
         opts = parse_args(argv)

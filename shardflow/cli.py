@@ -11,27 +11,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__, clusterfile
 from .checks import MAX_RETENTION_SECONDS
-from .clusterfile import NodeSpec
+from .cliutil import (
+    CLUSTER_HELP,
+    DIR_HELP,
+    OneLineParser,
+    connect_node,
+    guarded,
+    number_arg,
+    when_arg,
+)
 from .config import INT32_MAX, number_problem
-from .errors import ClusterError, ShardflowError, translate
+from .errors import ClusterError, translate
 from .localcluster import DEFAULT_SHARDS, MAX_NODES
 
 if TYPE_CHECKING:
-    import psycopg
+    pass
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,106 +55,9 @@ EPILOG = f"""examples:
 cluster file (every command, the bench and the drills too): {clusterfile.RULE}.
 errors: one line on stderr, exit code 2; SHARDFLOW_DEBUG=1 adds the traceback.
 """
-CLUSTER_HELP = (f"the cluster file (default: ${clusterfile.ENV} if set, else "
-                f"{clusterfile.DEFAULT_DIR / clusterfile.FILE_NAME})")
-DIR_HELP = (f"the local cluster's directory, holding {clusterfile.FILE_NAME} (default: the "
-            f"directory of ${clusterfile.ENV}, else {clusterfile.DEFAULT_DIR})")
-DEBUG_ENV = "SHARDFLOW_DEBUG"
 # The most worker processes: far above any real use, low enough that a typo (2**40)
 # is refused instead of forked.
 MAX_PROCESSES = 256
-
-
-def error_line(exc: BaseException) -> str:
-    """``exc`` as one line: whitespace collapsed (libpq's messages span two lines),
-    passwords redacted (a driver may echo a DSN), the type named unless it is one of
-    the errors whose message is written for users."""
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, ShardflowError | ValueError) or not text:
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return clusterfile.redact(text)
-
-
-def guarded(prog: str, run: Callable[[], int]) -> int:
-    """``run()``; any exception becomes ``PROG: error: …`` (one line) and exit 2.
-    argparse's own exits (``--help``, its errors) are SystemExit and pass through."""
-    try:
-        return run()
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr, flush=True)
-        return 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, ``PROG: error: MESSAGE``, exit 2:
-    argparse's default prints the whole usage first (for the bench, 25 lines)."""
-
-    error_prog: str | None = None  # PROG, when not the parser's own prog
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # argparse takes only -5 and -.5 for negative numbers, so '--rate -inf' or
-        # 'retention set -1e3' came out as "expected one argument": values reach the
-        # range checks, which say what is wrong with them
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.error_prog or self.prog}: error: {' '.join(message.split())}\n")
-
-
-def number_arg(kind: type[int] | type[float], *, low: float = 1, high: float = INT32_MAX,
-               low_open: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite ``kind`` in low..high (see ``config.number_problem``);
-    argparse prefixes the message with the argument's name."""
-    integer = kind is int
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be {'an integer' if integer else 'a number'}, got {text[:40]!r}"
-            ) from None
-        problem = number_problem(value, integer=integer, low=low, high=high,
-                                 low_open=low_open)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    return parse
-
-
-def _when(flag: str) -> Callable[[str], dt.datetime]:
-    """An argparse type: an ISO time (UTC when it has no zone) or an age (90s, 15m, 2h,
-    7d) before now."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-    def parse(text: str) -> dt.datetime:
-        if text and text[-1] in units and text[:-1].isdigit() and text.isascii():
-            try:
-                return dt.datetime.now(dt.UTC) - dt.timedelta(
-                    seconds=int(text[:-1]) * units[text[-1]])
-            except (OverflowError, ValueError):  # past year 1, or past int's digits
-                raise argparse.ArgumentTypeError(
-                    f"{flag} {text[:40]!r} is too far back (before year 1)") from None
-        try:
-            when = dt.datetime.fromisoformat(text)
-            when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-            # in UTC now: year 1 at +14:00 is year 0 in UTC, which neither Python
-            # nor the driver can carry to Postgres
-            return when.astimezone(dt.UTC)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{flag} {text[:40]!r} is neither an ISO time nor an age like 15m") from None
-        except OverflowError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r} is out of range") from None
-
-    return parse
 
 
 class _Parser(OneLineParser):
@@ -229,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", default=None)
     ls.add_argument("--name", default=None)
     ls.add_argument("--limit", type=_positive_int(), default=50)
-    ls.add_argument("--since", type=_when("--since"), default=None,
+    ls.add_argument("--since", type=when_arg("--since"), default=None,
                     help="created at or after: ISO time (UTC if no zone) or an age like "
                          "90s, 15m, 2h, 7d")
-    ls.add_argument("--until", type=_when("--until"), default=None,
+    ls.add_argument("--until", type=when_arg("--until"), default=None,
                     help="created before: same forms as --since")
     ls.add_argument("--json", action="store_true")
     _cluster_arg(ls)
@@ -397,16 +306,6 @@ def _cluster(args: argparse.Namespace) -> int:
 
 def _slots(obj: Any) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__slots__}
-
-
-def connect_node(node: NodeSpec, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A psycopg connection to ``node``; failing, a ClusterError naming the node."""
-    import psycopg
-
-    try:
-        return psycopg.connect(node.dsn, connect_timeout=5, autocommit=True, **kwargs)
-    except psycopg.Error as exc:
-        raise ClusterError(f"node {node.name} is unreachable: {exc}") from exc
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None,
          console_factory: Callable[[], Console] = Console) -> int:
     """The drills' command line: every error is one line and exit 2, bad input before
     anything starts or is written."""
-    from .cli import CLUSTER_HELP, OneLineParser, guarded
+    from .cliutil import CLUSTER_HELP, OneLineParser, guarded
 
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["chaos"]:

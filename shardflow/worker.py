@@ -158,7 +158,7 @@ def _supervise(target: str, processes: int, metrics_port: int | None, errors: Pa
 
 def _main(argv: list[str]) -> int:
     """``python -m shardflow.worker TARGET [METRICS_PORT]``: one worker process."""
-    from .cli import DEBUG_ENV, error_line
+    from .cliutil import DEBUG_ENV, error_line
 
     parent = os.environ.get(PARENT_ENV)
     if parent:

@@ -56,6 +56,6 @@ def test_other_errors_are_not(exc: BaseException) -> None:
 def test_cli_error_line_is_one_line(exc: BaseException, line: str) -> None:
     """The CLI's error line: whitespace collapsed (libpq's messages span lines), the
     type named unless the message is written for users, passwords redacted."""
-    from shardflow.cli import error_line
+    from shardflow.cliutil import error_line
 
     assert error_line(exc) == line
