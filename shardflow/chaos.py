@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -195,8 +196,14 @@ async def run_chaos(opts: ChaosOptions, spec: ClusterSpec, console: Console,
 
 
 async def _snap(nodes: list[NodeConn], run: str) -> DbSnapshot:
-    conns = [await n.connection() for n in nodes]
-    return await snapshot(conns, run)
+    # connections of its own: the monitor's, cancelled a moment ago, may still be busy
+    # with its last query ("another operation is in progress" ended a 10-minute run)
+    conns = [await asyncpg.connect(n.dsn, timeout=10) for n in nodes]
+    try:
+        return await snapshot(conns, run)
+    finally:
+        for conn in conns:
+            await conn.close()
 
 
 async def _play(opts: ChaosOptions, console: Console, history: History, plan: list[Any],
@@ -279,6 +286,8 @@ async def _play(opts: ChaosOptions, console: Console, history: History, plan: li
             await asyncio.wait(ctx.watchers, timeout=max(1.0, deadline - time.monotonic()))
         result.t_drained = time.time()
         mon.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await mon
     result.settings = {
         "duration_s": opts.duration, "seed": opts.seed, "workers": opts.workers,
         "tenants": opts.tenants, "rate": opts.rate, "faults": list(opts.faults),
