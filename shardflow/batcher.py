@@ -415,8 +415,9 @@ class TxBatcher:
                     if conn.is_closed():
                         # the connection died under the step (a restart, a dropped
                         # link): not the step's fault; the group again, by its callers
-                        raise translate(sf.error, context=f"transaction group on node "
-                                                          f"{self.node.name}") from None
+                        raise RetryableDatabaseError(
+                            f"transaction group on node {self.node.name}: the connection "
+                            f"was lost ({sf.error})") from None
                     continue
                 except BaseException as exc:
                     if not conn.is_closed():
@@ -452,6 +453,9 @@ class TxBatcher:
         except _StepFailed as sf:
             with contextlib.suppress(*DRIVER_ERRORS):
                 await tr.rollback()
+            if conn.is_closed():  # lost under the step: not its fault, try again
+                return RetryableDatabaseError(f"transaction step {op.name!r}: the "
+                                              f"connection was lost ({sf.error})")
             return TxOutcome("error", error=sf.error)
         except Exception as exc:
             if stage != "commit" and not conn.is_closed():

@@ -184,7 +184,7 @@ class WorkflowContext:
         if rec is not None and rec.status == "done":
             return loads(rec.output)
         if rec is not None and rec.status == "error":
-            raise StepError(name, loads(rec.error))
+            raise StepError(name, loads(rec.error), seq=seq)
         t0 = time.perf_counter()
         try:
             with self.engine.span(f"step {name}", **{"shardflow.tenant": self.tenant,
@@ -214,7 +214,7 @@ class WorkflowContext:
                     payload = error_payload(exc)
                     await self._finish_step(seq, name, "step", "error", None,
                                             json.dumps(payload), attempt)
-                    raise StepError(name, payload) from exc
+                    raise StepError(name, payload, seq=seq) from exc
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
         await self._finish_step(seq, name, "step", "done", out, None, attempt)
@@ -277,7 +277,7 @@ class WorkflowContext:
                 payload = error_payload(exc)
                 await self._finish_step(seq, name, "transaction", "error", None,
                                         json.dumps(payload), attempt)
-                raise StepError(name, payload) from exc
+                raise StepError(name, payload, seq=seq) from exc
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
 
@@ -332,13 +332,13 @@ class WorkflowContext:
                     payload = error_payload(exc)
                     await self._finish_step(seq, name, "transaction", "error", None,
                                             json.dumps(payload), attempt)
-                    raise StepError(name, payload) from exc
+                    raise StepError(name, payload, seq=seq) from exc
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
 
     def _replay(self, rec: Recorded) -> Any:
         if rec.status == "error":
-            raise StepError(rec.name, loads(rec.error))
+            raise StepError(rec.name, loads(rec.error), seq=rec.seq)
         return loads(rec.output)
 
     async def _reload(self, seq: int) -> Any:

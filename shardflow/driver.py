@@ -135,17 +135,26 @@ async def _bounded(node: Node, pool: asyncpg.Pool, method: str, sql: str,
             return await getattr(conn, method)(sql, *args)
 
     task = asyncio.ensure_future(call())
+    # if abandoned, its outcome is nobody's: retrieved so that asyncio does not log it
+    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     try:
         done, _ = await asyncio.wait({task}, timeout=STALL_TIMEOUT)
     except asyncio.CancelledError:
+        # the caller stops (the engine closes): the call is cancelled as any other
+        # would be. Not terminated: connections ended under a pool that is closing
+        # were released twice ("release() called on a free connection holder")
         task.cancel()
         raise
     if task in done:
         return task.result()
+    # a query in flight: its connection is terminated (cancelling it would wait on the
+    # stalled link, holding the pool's slot); still waiting for a connection: the wait
+    # is cancelled (else the statement would run later, unheard: a claim whose rows
+    # nobody starts)
     for conn in held:
         conn.terminate()
-    # its outcome is nobody's now: retrieved so that asyncio does not log it
-    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+    if not held:
+        task.cancel()
     raise RetryableDatabaseError(f"{what}: no answer from node {node.name} within "
                                  f"{STALL_TIMEOUT:g}s (stalled?)")
 

@@ -973,10 +973,12 @@ class Engine:
         await self.get_info(tenant, workflow_id)
         node = self.driver.node_for_shard(shard)
         async with self.driver.transaction(node) as conn:
-            ids = [r["workflow_id"] for r in await conn.fetch(
-                Q["resume_tree"], tenant, shard, workflow_id, time.time())]
+            rows = await conn.fetch(Q["resume_tree"], tenant, shard, workflow_id,
+                                    time.time())
+            ids = [r["workflow_id"] for r in rows]
             if ids:
-                await conn.execute(Q["resume_failed_steps"], tenant, shard, ids)
+                await conn.execute(Q["resume_failed_steps"], tenant, shard, ids,
+                                   [r["step_seq"] for r in rows])
         if not ids:
             info = await self.get_info(tenant, workflow_id)
             if info["status"] == "succeeded":

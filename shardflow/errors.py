@@ -129,10 +129,13 @@ class LeaseLost(ShardflowError):
 class StepError(ShardflowError):
     """A step failed after all its retries; ``error`` is the recorded error."""
 
-    def __init__(self, step: str, error: dict[str, Any]) -> None:
+    def __init__(self, step: str, error: dict[str, Any], *, seq: int | None = None) -> None:
         super().__init__(f"step {step!r} failed: {error.get('type')}: {error.get('message')}")
         self.step = step
         self.error = error
+        # the step's position: a workflow that this failure ended records it, so that
+        # resume re-runs exactly that step
+        self.seq = seq
 
 
 class WorkflowInterrupt(BaseException):

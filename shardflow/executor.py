@@ -29,6 +29,7 @@ from .errors import (
     RetryableDatabaseError,
     SerializationError,
     ShardflowError,
+    StepError,
     WorkflowInterrupt,
 )
 from .ownership import ShardOwnership
@@ -587,6 +588,9 @@ class Worker:
         payload = error_payload(exc)
         if isinstance(exc, NonDeterminismError):
             payload["type"] = "NonDeterminismError"
+        seq = _ending_step(exc)
+        if seq is not None:
+            payload["step_seq"] = seq  # what resume runs again (resume_tree)
         try:
             try:
                 await self._finish(ctx, "failed", None, payload)
@@ -609,6 +613,20 @@ class Worker:
             log.warning("workflow %s/%s failed (%s) and the failure could not be "
                         "recorded: %s", ctx.tenant, ctx.workflow_id, payload["message"], err)
             self._to_release.append(ctx)
+
+
+def _ending_step(exc: BaseException) -> int | None:
+    """The position of the failed step that ended the workflow: the exception itself,
+    or one it was raised from or while handling (a workflow that catches a StepError
+    and raises its own). None when no step failure is in the chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StepError) and cur.seq is not None:
+            return cur.seq
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _may_have_more(rows: list[Any], limit: int, per_tenant: int) -> set[int]:

@@ -581,3 +581,64 @@ async def test_a_claim_in_another_workers_shard_whose_reply_was_lost_is_handed_b
                          "fence = fence + 1, attempts = attempts + 1, ready_at = now() "
                          "WHERE workflow_id = 'lost'", (b._worker.worker_id,))
         assert await h.result(timeout=30) in ("a", "b")
+
+
+async def test_resume_below_the_cancelled_root_resumes_its_own_subtree(
+        db: PerTestDB) -> None:
+    """R starts C, C starts G; cancel(R) takes all three. Resuming C (not R) resumes G
+    with it: the cascade's mark is followed whoever is resumed."""
+    eng = db.engine()
+
+    @eng.workflow(name="g")
+    async def g() -> Any:
+        return await shardflow.recv("go", timeout=60)
+
+    @eng.workflow(name="c")
+    async def c() -> Any:
+        return await (await eng.start(g, workflow_id="G")).result()
+
+    @eng.workflow(name="r")
+    async def r() -> Any:
+        return await (await eng.start(c, workflow_id="C")).result()
+
+    async with eng:
+        await eng.start(r, tenant="acme", workflow_id="R")
+        for _ in range(200):
+            if any(x["workflow_id"] == "G" for x in await eng.list_workflows(tenant="acme")):
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(await eng.cancel("acme", "R")) == ["C", "G", "R"]
+        hc = await eng.resume("acme", "C")
+        await eng.send("acme", "G", "go", "went")
+        assert await hc.result(timeout=30) == "went"
+        assert (await eng.get_info("acme", "R"))["status"] == "cancelled"
+
+
+async def test_resume_reruns_the_failed_step_among_concurrent_ones(db: PerTestDB) -> None:
+    """Steps run concurrently (gather): the one that failed is not at the last
+    position; resume re-runs it, whatever was recorded after it."""
+    eng = db.engine()
+    state = {"fail": True}
+
+    @eng.step()
+    async def slow_fail() -> str:
+        await asyncio.sleep(0.2)
+        if state["fail"]:
+            raise ValueError("boom")
+        return "a"
+
+    @eng.step()
+    async def quick() -> str:
+        return "b"
+
+    @eng.workflow()
+    async def both() -> list[str]:
+        return list(await asyncio.gather(slow_fail(), quick()))
+
+    async with eng:
+        h = await eng.start(both, tenant="acme", workflow_id="gat")
+        with pytest.raises(WorkflowFailed, match="boom"):
+            await h.result(timeout=30)
+        state["fail"] = False
+        await eng.resume("acme", "gat")
+        assert await h.result(timeout=30) == ["a", "b"]

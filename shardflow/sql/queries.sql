@@ -141,7 +141,10 @@ RETURNING w.tenant_id, w.workflow_id, w.shard_id, w.owner;
 -- checkpoints had not committed) and, fenced out, it cannot write when it wakes up.
 SELECT count(pg_terminate_backend(a.pid)) AS ended
   FROM pg_stat_activity a
- WHERE a.datname = current_database() AND a.usename = current_user
+ WHERE a.datname = current_database()
+   -- the sessions we may end: our role's, or any (not a superuser's) with
+   -- pg_signal_backend (workers of several services under roles of their own)
+   AND (a.usename = current_user OR pg_has_role('pg_signal_backend', 'MEMBER'))
    AND a.application_name LIKE 'shardflow worker %'
    AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
    AND a.state_change < now() - make_interval(secs => $2::float8)
@@ -429,42 +432,43 @@ WITH RECURSIVE tree AS (
     UNION
     SELECT c.workflow_id FROM shardflow.workflows c JOIN tree t ON c.parent_id = t.workflow_id
      WHERE c.tenant_id = $1 AND c.shard_id = $2 AND c.status = 'cancelled'
-       AND c.reason = 'cancelled with ' || $3
+       AND c.reason LIKE 'cancelled with %'
 )
 UPDATE shardflow.workflows w
    SET status = 'pending', owner = NULL, ready_at = now(), finished_at = NULL,
        error = NULL, output = NULL, attempts = 0, updated_at = now(), reason = 'resumed',
        deadline_at = CASE WHEN w.deadline_at > to_timestamp($4::float8)
                           THEN w.deadline_at END
-  FROM tree
+  FROM tree, shardflow.workflows o
  WHERE w.tenant_id = $1 AND w.shard_id = $2 AND w.workflow_id = tree.workflow_id
+   AND o.tenant_id = $1 AND o.shard_id = $2 AND o.workflow_id = tree.workflow_id
    AND w.status IN ('cancelled', 'failed', 'dead')
-RETURNING w.workflow_id;
+-- o is the row before this update: the position of the step whose failure ended it
+RETURNING w.workflow_id, (o.error->>'step_seq')::int AS step_seq;
 
 -- name: resume_failed_steps
--- The failed step that ended each resumed workflow ($3) runs again: replaying its
--- recorded error would fail it forever, also once the outage that failed it is over.
--- Only the last recorded position: a failed step the workflow caught and went on from
--- is history its code branched on, and re-running it would change that history
--- (NonDeterminismError). An external step goes back to 'started', so its next run
--- counts as a re-run (steps.attempts); a failed transaction step's row goes (its writes
--- never committed).
-WITH last AS (
-    SELECT s.workflow_id, max(s.seq) AS seq FROM shardflow.steps s
-     WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = ANY($3::text[])
-     GROUP BY s.workflow_id
+-- The failed step that ended each resumed workflow runs again ($3 ids, $4 the step
+-- positions their errors recorded, see resume_tree): replaying its recorded error would
+-- fail it forever, also once the outage that failed it is over. Only that step: a
+-- failed step the workflow caught and went on from is history its code branched on,
+-- and re-running it would change that history (NonDeterminismError). An external step
+-- goes back to 'started', so its next run counts as a re-run (steps.attempts); a failed
+-- transaction step's row goes (its writes never committed).
+WITH ended AS (
+    SELECT e.workflow_id, e.seq FROM unnest($3::text[], $4::int[]) AS e(workflow_id, seq)
+     WHERE e.seq IS NOT NULL
 ), redo AS (
     UPDATE shardflow.steps s
        SET status = 'started', error = NULL, finished_at = NULL
-      FROM last
-     WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = last.workflow_id
-       AND s.seq = last.seq AND s.kind = 'step' AND s.status = 'error'
+      FROM ended
+     WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = ended.workflow_id
+       AND s.seq = ended.seq AND s.kind = 'step' AND s.status = 'error'
     RETURNING 1
 )
 DELETE FROM shardflow.steps s
- USING last
- WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = last.workflow_id
-   AND s.seq = last.seq AND s.kind = 'transaction' AND s.status = 'error';
+ USING ended
+ WHERE s.tenant_id = $1 AND s.shard_id = $2 AND s.workflow_id = ended.workflow_id
+   AND s.seq = ended.seq AND s.kind = 'transaction' AND s.status = 'error';
 
 -- name: fork_workflow
 -- Copy workflow $3 as $4 with the checkpoints of steps before $5. A fork is a new root
