@@ -50,6 +50,8 @@ async def test_worker_metrics(db: PerTestDB) -> None:
         bad = await eng.start(fails, tenant="m-0")
         with pytest.raises(Exception, match="no"):
             await bad.result(timeout=30)
+        # counted by the worker once its commit returns, which result() may beat
+        await wait_for(lambda: eng.metrics["succeeded"] == 12, 10, "the successes counted")
         await wait_for(lambda: eng.metrics["failed"] == 1, 10, "the failure counted")
         m = await asyncio.to_thread(_scrape, port)
     assert m["shardflow_workflows_started_total"] == 13
