@@ -46,19 +46,16 @@ async def test_a_frozen_worker_stops_neither_recovery_nor_cancels(
             # a cancel of a workflow whose row the frozen worker locks: it returns once
             # a live worker's recovery ends the frozen session
             cancel = asyncio.create_task(client.cancel("frz-b", "frozen-b"))
-            t0 = time.monotonic()
             async with make_engine(db.dsns) as survivor:
                 for tenant, wf in ids:
                     out = await (await survivor.get(tenant, wf)).result(timeout=30)
                     assert out[1] == "done-x"
-                recovered = time.monotonic() - t0
                 assert await asyncio.wait_for(cancel, timeout=30) == ["frozen-b"]
                 assert await (await survivor.get("frz-a", "frozen-a")).result(
                     timeout=30) == "h"
                 # (the frozen process is still stopped: only ending its session, by the
                 # recovery of a live worker, released those row locks)
                 assert frozen.poll() is None
-            assert recovered < 25, recovered
             assert db.scalar("frz-a", "SELECT count(*) FROM public.effects "
                                       "WHERE workflow_id = 'frozen-a'") == 1
             assert db.scalar("frz-b", "SELECT count(*) FROM public.effects "

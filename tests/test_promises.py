@@ -42,7 +42,7 @@ async def test_sleeping_and_receiving_many_times_never_counts_as_attempts(
     @eng.workflow(max_attempts=2)
     async def patient(sleeps: int, msgs: int) -> int:
         for _ in range(sleeps):
-            await shardflow.sleep(0.01)
+            await shardflow.sleep(0.05)
         got = 0
         for _ in range(msgs):
             if await shardflow.recv("ping", timeout=60) is not None:
@@ -58,8 +58,10 @@ async def test_sleeping_and_receiving_many_times_never_counts_as_attempts(
         info = await eng.get_info("acme", "p1")
         assert info["status"] == "succeeded"
         assert info["attempts"] <= 1
-        # it really parked and was claimed again, many times
-        assert info["fence"] > 20
+        # it really parked and was claimed again, more often than max_attempts allows
+        # lost runs (the old rule made it dead at the third claim); how often exactly
+        # depends on the machine: a sleep already due when checked does not park
+        assert info["fence"] > 5
 
 
 # -- 2. messages exactly once -----------------------------------------------------------------
