@@ -23,6 +23,14 @@ from .flows import EFFECTS_DDL, FAST
 PARKING = dataclasses.replace(FAST, suspend_after=0.001)
 
 
+async def _both_own_shards(a: Engine, b: Engine) -> None:
+    for _ in range(300):  # up to 30 s on a loaded machine
+        if a._worker.ownership.all_owned() > 0 and b._worker.ownership.all_owned() > 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the two workers did not split the shards")
+
+
 def tenants_on_one_node(db: PerTestDB, n: int, prefix: str = "t") -> list[str]:
     """``n`` tenants whose shards live on the same node."""
     node = db.node_of_tenant(f"{prefix}-0")
@@ -252,8 +260,7 @@ async def test_workers_registering_different_workflows_strand_nothing(db: PerTes
         return -n
 
     async with a, b:
-        await asyncio.sleep(1.0)  # both own shards now
-        assert a._worker.ownership.all_owned() > 0 and b._worker.ownership.all_owned() > 0
+        await _both_own_shards(a, b)
         hs = [await b.start(shipping if i % 2 else billing_b, i, tenant=f"svc-{i}",
                             workflow_id=f"w{i}") for i in range(24)]
         for i, h in enumerate(hs):
@@ -572,7 +579,7 @@ async def test_a_claim_in_another_workers_shard_whose_reply_was_lost_is_handed_b
         return "b"
 
     async with a, b:
-        await asyncio.sleep(1.0)
+        await _both_own_shards(a, b)
         owned_by_a = a._worker.ownership.owned
         tenant = next(t for t in (f"lr-{i}" for i in range(500))
                       if a.shard_map.shard(t) in owned_by_a.get(db.node_of_tenant(t), ()))
