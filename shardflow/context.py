@@ -516,9 +516,7 @@ class WorkflowContext:
         if rec is not None:
             return str(loads(rec.output))
         child_id = workflow_id or f"{self.workflow_id[:240]}.c{seq}"
-        reg = self.engine.registered(name)
-        max_attempts = (reg.max_attempts if reg is not None else None) \
-            or self._cfg.max_attempts
+        max_attempts = self.engine.max_attempts_of(name)
         try:
             async with self.engine.driver.transaction(self.node) as conn:
                 # the child row and the parent's checkpoint commit together: a child is

@@ -306,6 +306,12 @@ class Engine:
     def registered(self, name: str) -> _Registered | None:
         return self._workflows.get(name)
 
+    def max_attempts_of(self, name: str) -> int:
+        """The lost runs workflow ``name`` may have: its ``@workflow(max_attempts=)``,
+        else the config's (also when this engine does not register it: it cannot know)."""
+        reg = self._workflows.get(name)
+        return (reg.max_attempts if reg is not None else None) or self.config.max_attempts
+
     def group_commit(self, node: Node) -> GroupCommit | None:
         """The checkpoint writer of ``node`` (see shardflow/batcher.py), or None when
         every write goes on its own (``EngineConfig.group_commit`` off, or Citus)."""
@@ -689,13 +695,13 @@ class Engine:
                 if batcher is not None:
                     inserted = await batcher.start((
                         tenant_id, shard, wf_id, reg.name, q, priority, inputs,
-                        reg.max_attempts or self.config.max_attempts, timeout,
+                        self.max_attempts_of(reg.name), timeout,
                         float(delay)))
                 else:
                     inserted = await self.driver.insert_workflow(
                         tenant=tenant_id, shard=shard, workflow_id=wf_id, name=reg.name,
                         queue=q, priority=priority, inputs=inputs, parent_id=None,
-                        max_attempts=reg.max_attempts or self.config.max_attempts,
+                        max_attempts=self.max_attempts_of(reg.name),
                         timeout=timeout, delay=float(delay), notify=self.config.notify,
                     )
                 break
@@ -732,7 +738,7 @@ class Engine:
         q = self._start_queue(reg, queue, priority)
         if not isinstance(chunk, int) or chunk < 1:
             raise InvalidArgument(f"chunk must be an int >= 1, got {chunk!r}")
-        max_attempts = reg.max_attempts or self.config.max_attempts
+        max_attempts = self.max_attempts_of(reg.name)
         handles: list[WorkflowHandle] = []
         per_node: dict[str, list[tuple[Any, ...]]] = {}
         for i, st in enumerate(starts):

@@ -175,9 +175,7 @@ class NodeUpkeep:
         if row["catch_up"] == "skip":
             ticks = ticks[-1:]
         nxt = cron.next_after(ticks[-1])
-        reg = self.w.engine.registered(row["workflow_name"])
-        max_attempts = (reg.max_attempts if reg is not None else None) \
-            or self.cfg.max_attempts
+        max_attempts = self.w.engine.max_attempts_of(row["workflow_name"])
         async with self.driver.transaction(self.node) as conn:
             ok = await conn.fetchrow(
                 Q["advance_schedule"], row["tenant_id"], row["shard_id"], row["schedule_id"],
